@@ -1,0 +1,1 @@
+"""On-disk formats: HDF5 embedding stores, the Parquet index, fingerprints."""

@@ -1,0 +1,1 @@
+"""Datasets (DomainBed folders and the built-in demo), view sampling and replay."""

@@ -1,0 +1,138 @@
+"""DomainBed folder layout: ``ROOT/<domain>/<class>/<image>``.
+
+Classes are one sorted list across all domains (a domain may lack a class). Each domain is
+split into train/val by ranking its images on a seeded hash of their path: the split depends
+only on the seed and the file names, never on listing order or the machine.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache.fingerprint import sha256_json, stable_int
+from pipeline.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TRAIN, VAL = "train", "val"
+
+
+@dataclass
+class ImageIndex:
+    """Every image of a dataset: row i here is row i of every cache built from it."""
+
+    root: Path
+    domains: list
+    classes: list
+    paths: list          # relative, POSIX separators
+    domain: np.ndarray   # int index into domains
+    label: np.ndarray    # int index into classes
+    split: np.ndarray    # TRAIN or VAL
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    status: list = field(default=None)  # filled by extraction: "ok" or the reason it was skipped
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when any image is added, removed, renamed, resized or touched."""
+        return sha256_json([self.paths, self.size.tolist(), self.mtime_ns.tolist(),
+                            self.val_fraction, self.split_seed])
+
+    def rows(self, domains=None, split=None) -> np.ndarray:
+        """Row numbers of the images in ``domains`` (names) and ``split``, in index order."""
+        keep = np.ones(len(self), bool)
+        if domains is not None:
+            keep &= np.isin(self.domain, [self.domains.index(d) for d in domains])
+        if split is not None:
+            keep &= self.split == split
+        if self.status is not None:
+            keep &= np.asarray(self.status) == "ok"
+        return np.flatnonzero(keep)
+
+    def check_holdout(self, holdout: str) -> list:
+        """The source domains for ``holdout``; a clear error if it is not a domain here."""
+        if holdout not in self.domains:
+            raise UserError(f"held-out domain '{holdout}' is not in this dataset; "
+                            f"domains are: {', '.join(self.domains)}")
+        if len(self.domains) < 2:
+            raise UserError("leave-one-domain-out needs at least two domains")
+        return [d for d in self.domains if d != holdout]
+
+    def to_columns(self) -> tuple[dict, dict]:
+        columns = {
+            "path": self.paths,
+            "domain": [self.domains[d] for d in self.domain],
+            "class": [self.classes[c] for c in self.label],
+            "label": self.label.astype(np.int32),
+            "split": self.split.tolist(),
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+        }
+        if self.status is not None:
+            columns["status"] = list(self.status)
+        metadata = {"root": str(self.root), "domains": self.domains, "classes": self.classes,
+                    "val_fraction": self.val_fraction, "split_seed": self.split_seed,
+                    "fingerprint": self.fingerprint}
+        return columns, metadata
+
+    @classmethod
+    def from_columns(cls, columns: dict, metadata: dict) -> "ImageIndex":
+        domains, classes = metadata["domains"], metadata["classes"]
+        return cls(
+            root=Path(metadata["root"]), domains=domains, classes=classes,
+            paths=columns["path"],
+            domain=np.array([domains.index(d) for d in columns["domain"]], dtype=np.int64),
+            label=np.array(columns["label"], dtype=np.int64),
+            split=np.array(columns["split"]),
+            size=np.array(columns["size"], dtype=np.int64),
+            mtime_ns=np.array(columns["mtime_ns"], dtype=np.int64),
+            val_fraction=metadata["val_fraction"], split_seed=metadata["split_seed"],
+            status=columns.get("status"),
+        )
+
+
+def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
+    """List every image under ``root`` and assign the train/val split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    entries = []  # (domain, class, relative path, stat)
+    for domain_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for class_dir in sorted(p for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for image in sorted(class_dir.rglob("*")):
+                if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file():
+                    entries.append((domain_dir.name, class_dir.name,
+                                    image.relative_to(root).as_posix(), image.stat()))
+    if not entries:
+        raise UserError(f"no images found in {root}: expected ROOT/<domain>/<class>/<image> "
+                        f"with extensions {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    domains = sorted({e[0] for e in entries})
+    classes = sorted({e[1] for e in entries})
+    paths = [e[2] for e in entries]
+    domain = np.array([domains.index(e[0]) for e in entries], dtype=np.int64)
+    index = ImageIndex(
+        root=root.resolve(), domains=domains, classes=classes, paths=paths, domain=domain,
+        label=np.array([classes.index(e[1]) for e in entries], dtype=np.int64),
+        split=split_by_hash(paths, domain, val_fraction, split_seed),
+        size=np.array([e[3].st_size for e in entries], dtype=np.int64),
+        mtime_ns=np.array([e[3].st_mtime_ns for e in entries], dtype=np.int64),
+        val_fraction=val_fraction, split_seed=split_seed,
+    )
+    return index
+
+
+def split_by_hash(paths, domain: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """In each domain, the ``round(val_fraction * n)`` images with the smallest seeded hash are VAL."""
+    split = np.full(len(paths), TRAIN, dtype=object)
+    keys = np.array([stable_int(f"{seed}:{p}") for p in paths], dtype=np.uint64)
+    for d in np.unique(domain):
+        rows = np.flatnonzero(domain == d)
+        n_val = int(round(val_fraction * len(rows)))
+        split[rows[np.argsort(keys[rows], kind="stable")[:n_val]]] = VAL
+    return split.astype(str)

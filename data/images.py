@@ -1,0 +1,96 @@
+"""Torch datasets that decode images and render views, for extraction and for training.
+
+Both go through ``load_image`` and ``views.render``, so the student sees exactly the pixels
+whose teacher embedding is cached.
+"""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import views
+
+Image.MAX_IMAGE_PIXELS = 16_000 * 16_000  # larger images are refused as decompression bombs
+
+
+class BadImage(Exception):
+    """An image that cannot be used; the message is the reason recorded in the index."""
+
+
+def load_image(path) -> Image.Image:
+    """Decode any supported image to 8-bit RGB, or raise BadImage with a reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return _to_rgb(image)
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large: {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise BadImage(f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"cannot decode: {e}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if pixels.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ExtractionImages(torch.utils.data.Dataset):
+    """Row -> (row, all K views preprocessed for the teacher, their parameters, error)."""
+
+    def __init__(self, root, paths, rows, n_views: int, view_seed: int, spec: views.InputSpec,
+                 augment: views.Augment = views.Augment()):
+        self.root, self.paths, self.rows = Path(root), paths, list(rows)
+        self.n_views, self.view_seed, self.spec, self.augment = n_views, view_seed, spec, augment
+
+    def __len__(self):
+        return len(self.rows)
+
+    def views(self, row: int) -> tuple[list, np.ndarray]:
+        """The rendered views (PIL, source resolution) of one image and their parameters."""
+        image = load_image(self.root / self.paths[row])
+        params = views.sample_views(self.paths[row], image.width, image.height,
+                                    self.n_views, self.view_seed, self.augment)
+        return [views.render(image, p) for p in params], params
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        try:
+            rendered, params = self.views(row)
+            pixels = torch.stack([self.spec(v) for v in rendered])
+            error = ""
+        except BadImage as e:
+            pixels = torch.zeros(self.n_views, 3, self.spec.size, self.spec.size)
+            params = np.zeros((self.n_views, views.N_PARAMS), np.float32)
+            error = str(e)
+        return row, pixels, torch.from_numpy(params), error
+
+
+class ReplayImages(torch.utils.data.Dataset):
+    """Item ``row * n_views + view`` -> (item, the recorded view preprocessed for the student)."""
+
+    def __init__(self, root, paths, view_params: np.ndarray, spec: views.InputSpec):
+        self.root, self.paths, self.view_params, self.spec = Path(root), paths, view_params, spec
+        self.n_views = view_params.shape[1]
+
+    def __len__(self):
+        return len(self.paths) * self.n_views
+
+    def view(self, row: int, view: int) -> Image.Image:
+        return views.render(load_image(self.root / self.paths[row]), self.view_params[row, view])
+
+    def __getitem__(self, item):
+        row, view = divmod(int(item), self.n_views)
+        return int(item), self.spec(self.view(row, view))

@@ -1,0 +1,168 @@
+"""The ``pipeline`` command: extract, align, distill, evaluate, run, info."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import config, jobs
+from pipeline.runfolder import RunFolder
+
+HELD_OUT = click.option("--holdout", required=True, help="The domain left out of training (evaluated as unseen).")
+RUN = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+                   help="Run folder holding every cache and output.")
+WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True,
+                       help="DataLoader worker processes that decode and augment images.")
+FORCE = click.option("--force", is_flag=True, help="Recompute even if the stage is up to date.")
+SEED = click.option("--seed", default=0, show_default=True, help="Training seed.")
+LAM = click.option("--lam", default=config.ADIP["lam"], show_default=True,
+                   help="Weight of the image-embedding term (1 - lam: text term).")
+LR = click.option("--lr", default=config.ADIP["lr"], show_default=True, help="Adam learning rate.")
+PER_DOMAIN = click.option("--per-domain", default=config.ADIP["per_domain"], show_default=True,
+                          help="Images per source domain in each step.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clip-distill-pipeline")
+def main():
+    """Distil a CLIP teacher into a small student for domain generalisation, from cached
+    teacher embeddings: extract once, then align, distill and evaluate without the teacher."""
+
+
+@main.command()
+@click.option("--data", "data_root", required=True, type=click.Path(),
+              help="Dataset root in DomainBed layout: ROOT/<domain>/<class>/<image>.")
+@RUN
+@click.option("--teacher", default=config.REAL["teacher"], show_default=True,
+              help="open_clip model name, or local-dir:PATH (config and weights in a folder).")
+@click.option("--pretrained", default=config.REAL["pretrained"], show_default=True,
+              help="open_clip pretrained tag, a local checkpoint file, or 'none'.")
+@click.option("--views", default=8, show_default=True, help="Views per image (view 0 = eval view).")
+@click.option("--view-seed", default=0, show_default=True, help="Seed of the view sampler.")
+@click.option("--templates", "template_set", default="photo", show_default=True,
+              help="Prompt template set: photo, rise7 or styles.")
+@click.option("--val-fraction", default=0.2, show_default=True, help="Per-domain validation fraction.")
+@click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--batch-size", default=64, show_default=True, help="Images per teacher batch.")
+@WORKERS
+@FORCE
+def extract(data_root, run_dir, teacher, pretrained, views, view_seed, template_set, val_fraction,
+            split_seed, batch_size, workers, force):
+    """Cache the teacher's embeddings of K views of every image and of every class prompt."""
+    with RunFolder(run_dir).writing() as run:
+        jobs.extract(run, data_root, teacher=teacher, pretrained=_none(pretrained), views=views,
+                     view_seed=view_seed, template_set=template_set, val_fraction=val_fraction,
+                     split_seed=split_seed, batch_size=batch_size, workers=workers, force=force)
+
+
+def _none(value):
+    return None if value in (None, "", "none", "None") else value
+
+
+@main.command()
+@RUN
+@click.option("--student", default=config.REAL["student"], show_default=True, help="timm model name.")
+@click.option("--student-weights", default=config.REAL["student_weights"], show_default=True,
+              help="'imagenet' (timm pretrained), 'none' (random init) or a local weights file.")
+@click.option("--student-size", type=int, default=None, help="Student input size (default: the model's).")
+@HELD_OUT
+@click.option("--steps", default=config.ADIP["align_steps"], show_default=True, help="Alignment steps.")
+@PER_DOMAIN
+@LR
+@LAM
+@SEED
+@click.option("--eval-every", default=100, show_default=True, help="Steps between source-val checks.")
+@click.option("--batch-size", default=128, show_default=True, help="Images per feature batch.")
+@WORKERS
+@FORCE
+def align(run_dir, student, student_weights, student_size, holdout, steps, per_domain, lr, lam, seed,
+          eval_every, batch_size, workers, force):
+    """Fit the projection from the frozen student's (cached) features to the teacher's space."""
+    with RunFolder(run_dir).writing() as run:
+        jobs.align(run, student=student, student_weights=student_weights, student_size=student_size,
+                   holdout=holdout, steps=steps, per_domain=per_domain, lr=lr, lam=lam, seed=seed,
+                   eval_every=eval_every, batch_size=batch_size, workers=workers, force=force)
+
+
+@main.command()
+@RUN
+@click.option("--method", default="adip", show_default=True, help="Distillation method: adip.")
+@HELD_OUT
+@click.option("--student", default=None, help="Student name or key, if several were aligned.")
+@click.option("--steps", default=config.ADIP["steps"], show_default=True, help="Training steps.")
+@PER_DOMAIN
+@LR
+@LAM
+@SEED
+@click.option("--eval-every", default=500, show_default=True, help="Steps between source-val checks.")
+@WORKERS
+@FORCE
+def distill(run_dir, method, holdout, student, steps, per_domain, lr, lam, seed, eval_every, workers, force):
+    """Train the student on replayed views against the cached teacher embeddings."""
+    with RunFolder(run_dir).writing() as run:
+        jobs.distill(run, method=method, holdout=holdout, student=student, steps=steps,
+                     per_domain=per_domain, lr=lr, lam=lam, seed=seed, eval_every=eval_every,
+                     workers=workers, force=force)
+
+
+@main.command()
+@RUN
+@click.option("--method", default="adip", show_default=True, help="adip, or zeroshot (the teacher, from the cache).")
+@HELD_OUT
+@click.option("--student", default=None, help="Student name or key, if several were aligned.")
+@SEED
+@WORKERS
+@FORCE
+def evaluate(run_dir, method, holdout, student, seed, workers, force):
+    """Per-domain accuracy; appends one JSON object to RUN/results.jsonl."""
+    with RunFolder(run_dir).writing() as run:
+        result = jobs.evaluate(run, method=method, holdout=holdout, student=student, seed=seed,
+                               workers=workers, force=force)
+    click.echo(json.dumps({k: result[k] for k in ("method", "holdout", "holdout_acc", "source_val_acc",
+                                                   "accuracy", "split")}))
+
+
+@main.command()
+@click.option("--data", "data_root", default=None, type=click.Path(),
+              help="Dataset root (DomainBed layout). Default: generate the built-in demo.")
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
+              help=f"Run folder. Default: {config.DEMO_RUN}.")
+@click.option("--teacher", default=None, help="open_clip model name or local-dir:PATH.")
+@click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
+@click.option("--student", default=None, help="timm model name.")
+@click.option("--student-weights", default=None, help="imagenet, none or a weights file.")
+@click.option("--student-size", type=int, default=None, help="Student input size.")
+@click.option("--views", type=int, default=None, help="Views per image.")
+@click.option("--steps", type=int, default=None, help="Distillation steps per held-out domain.")
+@click.option("--align-steps", type=int, default=None, help="Alignment steps per held-out domain.")
+@click.option("--per-domain", type=int, default=None, help="Images per source domain per step.")
+@click.option("--holdouts", default=None, help="Comma-separated held-out domains (default: all).")
+@SEED
+@WORKERS
+@FORCE
+def run(data_root, run_dir, teacher, pretrained, student, student_weights, student_size, views, steps,
+        align_steps, per_domain, holdouts, seed, workers, force):
+    """Everything, every held-out domain: extract, align, distill, evaluate, then the table.
+
+    With no arguments: the built-in demo (generated shapes in four styles, tiny models).
+    """
+    from pipeline.protocol import run_all
+    run_all(data_root=data_root, run_dir=run_dir, overrides={
+        "teacher": teacher, "pretrained": pretrained, "student": student, "student_weights": student_weights,
+        "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
+        "per_domain": per_domain}, holdouts=holdouts, seed=seed, workers=workers, force=force)
+
+
+@main.command()
+@RUN
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(run_dir, as_json):
+    """What is cached, with which teacher, views and dataset, and which stages are stale."""
+    from pipeline.info import describe, render
+    report = describe(RunFolder(run_dir))
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+if __name__ == "__main__":
+    main(prog_name=Path(sys.argv[0]).name)

@@ -1,0 +1,70 @@
+"""`pipeline info`: what a run folder holds and which stages are stale."""
+from pathlib import Path
+
+from cache import store
+from pipeline import manifest
+from pipeline.errors import UserError
+
+STORE_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", "templates", "views",
+              "view_seed", "augment", "preprocess", "dataset_fingerprint", "images", "format_version")
+
+
+def describe(run) -> dict:
+    if not run.root.is_dir():
+        raise UserError(f"run folder not found: {run.root}")
+    report = {"run": str(run.root), "cache": None, "dataset": None, "stages": [], "files": {}}
+    if run.teacher_store.exists():
+        attrs = store.read_attrs(run.teacher_store)
+        report["cache"] = {k: attrs.get(k) for k in STORE_KEYS}
+        report["cache"]["datasets"] = {name: {"shape": list(s), "dtype": d}
+                                       for name, (s, d) in store.shapes(run.teacher_store).items()}
+    if run.index_path.exists():
+        index = run.load_index()
+        skipped = [s for s in index.status or [] if s != "ok"]
+        report["dataset"] = {"root": str(index.root), "domains": index.domains, "classes": index.classes,
+                             "images": len(index), "skipped": len(skipped),
+                             "per_domain": {d: int((index.domain == i).sum()) for i, d in enumerate(index.domains)}}
+    for path in sorted(run.root.rglob(manifest.MANIFEST)):
+        stage_dir = path.parent
+        recorded = manifest.load(stage_dir)
+        stale = manifest.stale_inputs(run.root, stage_dir)
+        missing = [n for n in recorded["outputs"] if not (stage_dir / n).exists()]
+        report["stages"].append({"stage": run.rel(stage_dir), "finished": recorded["finished"],
+                                 "state": "stale" if stale or missing else "fresh",
+                                 "changed_inputs": stale, "missing_outputs": missing})
+    for path in sorted(p for p in run.root.rglob("*") if p.is_file() and p.suffix in (".h5", ".parquet", ".safetensors", ".jsonl")):
+        report["files"][run.rel(path)] = path.stat().st_size
+    return report
+
+
+def render(report: dict) -> str:
+    lines = [f"run folder: {report['run']}"]
+    if report["dataset"]:
+        d = report["dataset"]
+        lines.append(f"dataset:    {d['root']}: {d['images']} images ({d['skipped']} skipped), "
+                     f"{len(d['classes'])} classes, domains " +
+                     ", ".join(f"{k} ({v})" for k, v in d["per_domain"].items()))
+    if report["cache"]:
+        c = report["cache"]
+        lines.append(f"teacher:    {c['teacher']} pretrained={c['pretrained']} "
+                     f"checkpoint sha256 {str(c['checkpoint_sha256'])[:16]}")
+        lines.append(f"views:      {c['views']} per image, seed {c['view_seed']}; templates "
+                     f"'{c['template_set']}' ({len(c['templates'])})")
+        lines.append(f"format:     version {c['format_version']}; " + ", ".join(
+            f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in c["datasets"].items()))
+    else:
+        lines.append("teacher:    nothing extracted yet")
+    lines.append("stages:")
+    for s in report["stages"]:
+        why = ""
+        if s["changed_inputs"]:
+            why = " (changed: " + ", ".join(s["changed_inputs"]) + ")"
+        if s["missing_outputs"]:
+            why += " (missing: " + ", ".join(s["missing_outputs"]) + ")"
+        lines.append(f"  {s['state']:<6} {s['stage']}{why}  [{s['finished']}]")
+    if report["files"]:
+        total = sum(report["files"].values())
+        lines.append(f"files:      {len(report['files'])} data files, {total / 1e6:.1f} MB in all")
+        for name, size in report["files"].items():
+            lines.append(f"  {size / 1e6:9.2f} MB  {name}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The pipeline's stages (extract, align, distill, evaluate), their models and losses."""

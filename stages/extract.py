@@ -1,0 +1,157 @@
+"""Extract: the teacher's embeddings of every view of every image, and of every class prompt.
+
+Writes one HDF5 store (``teacher.h5``):
+
+- ``image_emb``   [images, views, dim] float16, L2-normalised
+- ``view_params`` [images, views, len(PARAM_NAMES)] float32, the recorded view parameters
+- ``status``      [images] uint8: 0 pending, 1 done, 2 skipped (bad image)
+- ``text_emb``    [classes, templates, dim] float16, L2-normalised per prompt
+- ``classifier``  [classes, dim] float16: templates averaged, then re-normalised
+
+Rows are written in order and ``status`` is set only after a row's embeddings are on disk, so
+re-running after an interruption continues with the pending rows. Skipped images and their
+reasons are appended to ``skipped.jsonl`` beside the store.
+"""
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from cache import store
+from data.images import ExtractionImages
+from data.views import PARAM_NAMES, Augment
+from stages.prompts import class_prompt_name
+from stages.teacher import text_classifier
+from pipeline.progress import progress
+
+# Attributes that must match for a store to be reused; any difference means a rebuild.
+IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "templates",
+                 "views", "view_seed", "augment", "dataset_fingerprint", "format_version")
+
+
+def store_attrs(teacher, index, templates: tuple, template_set: str, n_views: int,
+                view_seed: int, augment: Augment) -> dict:
+    return {**teacher.identity, "template_set": template_set, "templates": list(templates),
+            "views": n_views, "view_seed": view_seed, "augment": augment.to_dict(),
+            "dataset_fingerprint": index.fingerprint, "classes": index.classes,
+            "domains": index.domains, "images": len(index), "param_names": list(PARAM_NAMES),
+            "format_version": store.FORMAT_VERSION}
+
+
+def mismatches(existing: dict, wanted: dict) -> list:
+    """Names of the identity attributes on which an existing store differs from the wanted one."""
+    return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+
+
+def encode_class_texts(teacher, classes: list, templates: tuple) -> torch.Tensor:
+    """[classes, templates, dim] normalised text embeddings."""
+    prompts = [t.format(class_prompt_name(c)) for c in classes for t in templates]
+    embeddings = torch.cat([teacher.encode_texts(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+    return embeddings.reshape(len(classes), len(templates), -1)
+
+
+def extract(index, teacher, store_path, *, templates: tuple, template_set: str, n_views: int,
+            view_seed: int, augment: Augment = Augment(), batch_size: int = 64,
+            workers: int = 0) -> dict:
+    """Fill ``store_path`` (created if missing, resumed if partial). Returns a summary."""
+    store_path = Path(store_path)
+    skipped_path = store_path.with_name("skipped.jsonl")
+    if not store_path.exists():
+        text = encode_class_texts(teacher, index.classes, templates)
+        n, k, dim = len(index), n_views, text.shape[-1]
+        store.create(store_path, {
+            "image_emb": ((n, k, dim), np.float16),
+            "view_params": ((n, k, len(PARAM_NAMES)), np.float32),
+            "status": ((n,), np.uint8),
+            "text_emb": (tuple(text.shape), np.float16),
+            "classifier": ((len(index.classes), dim), np.float16),
+        }, store_attrs(teacher, index, templates, template_set, n_views, view_seed, augment))
+        with h5py.File(store_path, "r+") as f:
+            f["text_emb"][...] = text.numpy().astype(np.float16)
+            f["classifier"][...] = text_classifier(text).numpy().astype(np.float16)
+        skipped_path.unlink(missing_ok=True)
+
+    pending = np.flatnonzero(store.read(store_path, "status") == store.PENDING)
+    started, done_now = time.time(), 0
+    if len(pending):
+        dataset = ExtractionImages(index.root, index.paths, pending, n_views, view_seed,
+                                   teacher.input_spec, augment)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=_collate, pin_memory=torch.cuda.is_available())
+        batches = iter(loader)  # workers fork here, before the HDF5 file is opened
+        with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, \
+                progress(total=len(pending), desc="extract", unit="img") as bar:
+            for rows, pixels, params, errors in batches:
+                embeddings = teacher.encode_images(pixels.flatten(0, 1)).reshape(len(rows), n_views, -1)
+                status = np.where([e == "" for e in errors], store.DONE, store.FAILED).astype(np.uint8)
+                _write_rows(f, rows, embeddings.numpy().astype(np.float16), params.numpy(), status)
+                for row, error in zip(rows, errors):
+                    if error:
+                        skipped.write(json.dumps({"path": index.paths[row], "reason": error}) + "\n")
+                skipped.flush()
+                done_now += len(rows)
+                bar.update(len(rows))
+    seconds = time.time() - started
+    final_status = store.read(store_path, "status")
+    return {"images": len(index), "extracted_now": done_now, "seconds": round(seconds, 2),
+            "images_per_s": round(done_now / seconds, 1) if done_now else None,
+            "ok": int((final_status == store.DONE).sum()),
+            "skipped": int((final_status == store.FAILED).sum())}
+
+
+def _write_rows(f: h5py.File, rows: np.ndarray, embeddings, params, status) -> None:
+    """Embeddings and parameters first, status last: a row marked done is complete on disk."""
+    if rows[-1] - rows[0] == len(rows) - 1:  # contiguous: one large write per dataset
+        where = slice(int(rows[0]), int(rows[-1]) + 1)
+        f["image_emb"][where] = embeddings
+        f["view_params"][where] = params
+        f.flush()
+        f["status"][where] = status
+    else:
+        for i, row in enumerate(rows):
+            f["image_emb"][row] = embeddings[i]
+            f["view_params"][row] = params[i]
+        f.flush()
+        for i, row in enumerate(rows):
+            f["status"][row] = status[i]
+    f.flush()
+
+
+def _collate(items):
+    rows = np.array([item[0] for item in items])
+    pixels = torch.stack([item[1] for item in items])
+    params = torch.stack([item[2] for item in items])
+    return rows, pixels, params, [item[3] for item in items]
+
+
+def skipped_reasons(store_path) -> dict:
+    """path -> reason for every image that extraction skipped."""
+    skipped_path = Path(store_path).with_name("skipped.jsonl")
+    if not skipped_path.exists():
+        return {}
+    with open(skipped_path) as f:
+        return {entry["path"]: entry["reason"] for entry in map(json.loads, f)}
+
+
+class TeacherCache:
+    """Everything training needs from ``teacher.h5``, read into memory once."""
+
+    def __init__(self, store_path):
+        self.path = Path(store_path)
+        self.attrs = store.read_attrs(self.path)
+        self.image_emb = torch.from_numpy(store.read(self.path, "image_emb"))  # float16
+        self.view_params = store.read(self.path, "view_params")
+        self.status = store.read(self.path, "status")
+        self.classifier = torch.from_numpy(store.read(self.path, "classifier")).float()
+        self.n_views = self.image_emb.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.image_emb.shape[-1]
+
+    def targets(self, items: torch.Tensor) -> torch.Tensor:
+        """Teacher image embeddings (float32) of flat items ``row * n_views + view``."""
+        return self.image_emb.flatten(0, 1)[items].float()

@@ -1,0 +1,56 @@
+"""The student: a timm backbone that turns images into feature vectors."""
+import os
+
+import torch
+
+from cache.fingerprint import sha256_file
+from data.views import InputSpec
+from pipeline.errors import UserError
+
+
+def create_backbone(name: str, weights: str = "imagenet", image_size: int | None = None):
+    """A timm model without classifier (``num_classes=0``) and its input spec.
+
+    ``weights``: ``imagenet`` (timm's pretrained tag), ``none`` (random init) or a path to a
+    local weights file (safetensors or a state dict).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise UserError(f"unknown student model '{name}': not a timm model name (see timm.list_models())")
+    kwargs = {"num_classes": 0}
+    if weights == "none":
+        kwargs["pretrained"] = False
+    elif weights == "imagenet":
+        kwargs["pretrained"] = True
+    elif os.path.isfile(weights):
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(weights)})
+    else:
+        raise UserError(f"student weights must be 'imagenet', 'none' or an existing file; got '{weights}'")
+    if image_size and "vit" in name:
+        kwargs["img_size"] = image_size  # ViTs build their position embeddings for one size
+    torch.manual_seed(0)  # random-init students are reproducible
+    try:
+        model = timm.create_model(name, **kwargs)
+    except Exception as e:  # timm raises many types for missing or mismatched weights
+        raise UserError(f"cannot load student {name} with weights '{weights}': "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    config = timm.data.resolve_data_config({}, model=model)
+    spec = InputSpec(size=int(image_size or config["input_size"][-1]), mean=tuple(config["mean"]),
+                     std=tuple(config["std"]), interpolation=config.get("interpolation", "bicubic"))
+    return model, spec
+
+
+def weights_tag(weights: str) -> str:
+    if weights in ("imagenet", "none"):
+        return weights
+    return "file-" + sha256_file(weights)[:12]
+
+
+def student_key(name: str, weights: str, image_size: int) -> str:
+    """Folder name for everything computed with this student."""
+    return f"{name}_{weights_tag(weights)}_{image_size}px"
+
+
+def feature_dim(model) -> int:
+    return int(model.num_features)

@@ -1,0 +1,84 @@
+"""The teacher: anything that embeds images and texts into one L2-normalised space.
+
+``OpenClipTeacher`` wraps open_clip. A black-box teacher (embeddings from a service) only
+needs the same four members: ``identity``, ``input_spec``, ``encode_images``, ``encode_texts``.
+"""
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cache.fingerprint import sha256_file, sha256_json
+from data.views import InputSpec
+from pipeline.errors import UserError
+
+
+class OpenClipTeacher:
+    def __init__(self, name: str, pretrained: str | None = None, device: str = "cpu"):
+        import open_clip
+
+        self.name, self.pretrained, self.device = name, pretrained or None, torch.device(device)
+        if self.pretrained in ("none", "None", ""):
+            self.pretrained = None
+        if name.startswith("local-dir:") and not Path(name[len("local-dir:"):]).is_dir():
+            raise UserError(f"teacher folder not found: {name[len('local-dir:'):]}")
+        torch.manual_seed(0)  # a config without weights gets the same random init every time
+        logging.disable(logging.WARNING)  # open_clip logs through the root logger; we report ourselves
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(name, pretrained=self.pretrained)
+        except (RuntimeError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+            hint = (f"'{name}' is not an open_clip model (see open_clip.list_models())"
+                    if "not found" in str(e) and "Model config" in str(e) else str(e).splitlines()[0])
+            raise UserError(f"cannot load teacher {name} (pretrained={self.pretrained}): {hint}")
+        finally:
+            logging.disable(logging.NOTSET)
+        self.model = model.eval().to(self.device)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        cfg = model.visual.preprocess_cfg
+        size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+        self.input_spec = InputSpec(size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                                    interpolation=cfg.get("interpolation", "bicubic"))
+
+    @property
+    def has_weights(self) -> bool:
+        if self.name.startswith("local-dir:"):
+            folder = Path(self.name[len("local-dir:"):])
+            return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.pth"))
+        return self.pretrained is not None
+
+    @property
+    def identity(self) -> dict:
+        """What makes two teachers the same: recorded in every cache and checked on reuse."""
+        return {"teacher": self.name, "pretrained": self.pretrained,
+                "checkpoint_sha256": self._checkpoint_hash(),
+                "preprocess": self.input_spec.to_dict()}
+
+    def _checkpoint_hash(self) -> str:
+        if self.name.startswith("local-dir:"):
+            folder = Path(self.name[len("local-dir:"):])
+            files = sorted(p for p in folder.iterdir() if p.is_file())
+            return sha256_json({p.name: sha256_file(p) for p in files})
+        if self.pretrained and os.path.isfile(self.pretrained):
+            return sha256_file(self.pretrained)
+        return f"tag:{self.pretrained}"  # an open_clip release tag names fixed weights
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+
+
+def text_classifier(per_template: torch.Tensor) -> torch.Tensor:
+    """[classes, templates, dim] normalised embeddings -> [classes, dim] classifier.
+
+    As the official VL2V code: average the normalised template embeddings, re-normalise.
+    """
+    return F.normalize(per_template.float().mean(dim=1), dim=-1)
