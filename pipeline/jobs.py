@@ -119,7 +119,7 @@ def align(run: RunFolder, *, student: str, student_weights: str, student_size, h
     index = run.load_index()
     sources = index.check_holdout(holdout)
     teacher_input = _teacher_input(run)
-    key = student_key(student, student_weights, student_size or "default")
+    key = student_key(student, student_weights, student_size)
     features_dir = run.features(key)
     features_path = features_dir / "features.h5"
     features_config = {"student": student, "student_weights": student_weights, "student_size": student_size}

@@ -44,12 +44,23 @@ def create_backbone(name: str, weights: str = "imagenet", image_size: int | None
 def weights_tag(weights: str) -> str:
     if weights in ("imagenet", "none"):
         return weights
+    if not os.path.isfile(weights):
+        raise UserError(f"student weights must be 'imagenet', 'none' or an existing file; got '{weights}'")
     return "file-" + sha256_file(weights)[:12]
 
 
-def student_key(name: str, weights: str, image_size: int) -> str:
-    """Folder name for everything computed with this student."""
-    return f"{name}_{weights_tag(weights)}_{image_size}px"
+def default_size(name: str) -> int:
+    import timm
+
+    if not timm.is_model(name):
+        raise UserError(f"unknown student model '{name}': not a timm model name (see timm.list_models())")
+    cfg = timm.models.get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg else 224
+
+
+def student_key(name: str, weights: str, image_size: int | None) -> str:
+    """Folder name for everything computed with this student, e.g. ``resnet50_imagenet_224px``."""
+    return f"{name}_{weights_tag(weights)}_{image_size or default_size(name)}px"
 
 
 def feature_dim(model) -> int:
