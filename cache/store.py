@@ -19,7 +19,7 @@ PENDING, DONE, FAILED = 0, 1, 2
 def create(path, datasets: dict, attrs: dict) -> None:
     """Create ``path`` atomically with ``datasets`` (name -> (shape, dtype)) and ``attrs``.
 
-    Attribute values that are not strings or numbers are stored as JSON strings.
+    Attribute values that are not strings or numbers are stored as prefixed JSON strings.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -39,10 +39,14 @@ def _create_preallocated(f: h5py.File, name: str, shape, dtype) -> None:
     h5py.h5d.create(f.id, name.encode(), tid, space, dcpl=dcpl)
 
 
+JSON_PREFIX = "json:"
+
+
 def write_attrs(f: h5py.File, attrs: dict) -> None:
+    """Strings and numbers as themselves; anything else (None, lists, dicts) as ``json:...``."""
     for key, value in attrs.items():
-        if not isinstance(value, (str, int, float, bool)):
-            value = json.dumps(value)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            value = JSON_PREFIX + json.dumps(value)
         f.attrs[key] = value
 
 
@@ -55,11 +59,8 @@ def read_attrs(path) -> dict:
 def _decode(value):
     if isinstance(value, bytes):
         value = value.decode()
-    if isinstance(value, str) and value[:1] in "[{":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            pass
+    if isinstance(value, str) and value.startswith(JSON_PREFIX):
+        return json.loads(value[len(JSON_PREFIX):])
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -106,7 +106,8 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
     for domain_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for class_dir in sorted(p for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for image in sorted(class_dir.rglob("*")):
-                if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file():
+                hidden = any(part.startswith(".") for part in image.relative_to(class_dir).parts)
+                if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file() and not hidden:
                     entries.append((domain_dir.name, class_dir.name,
                                     image.relative_to(root).as_posix(), image.stat()))
     if not entries:

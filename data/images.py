@@ -36,11 +36,11 @@ def load_image(path) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode.startswith("I"):  # 16- or 32-bit integer grayscale
         pixels = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if pixels.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        sixteen_bit = image.mode.startswith("I;16") or pixels.max() > 255
+        image = Image.fromarray(np.clip(pixels / (257.0 if sixteen_bit else 1.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
