@@ -16,9 +16,6 @@ WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_de
                        help="DataLoader worker processes that decode and augment images.")
 FORCE = click.option("--force", is_flag=True, help="Recompute even if the stage is up to date.")
 SEED = click.option("--seed", default=0, show_default=True, help="Training seed.")
-LAM = click.option("--lam", default=config.ADIP["lam"], show_default=True,
-                   help="Weight of the image-embedding term (1 - lam: text term).")
-LR = click.option("--lr", default=config.ADIP["lr"], show_default=True, help="Adam learning rate.")
 PER_DOMAIN = click.option("--per-domain", default=config.ADIP["per_domain"], show_default=True,
                           help="Images per source domain in each step.")
 
@@ -69,8 +66,9 @@ def _none(value):
 @HELD_OUT
 @click.option("--steps", default=config.ADIP["align_steps"], show_default=True, help="Alignment steps.")
 @PER_DOMAIN
-@LR
-@LAM
+@click.option("--lr", default=config.ADIP["lr"], show_default=True, help="Adam learning rate.")
+@click.option("--lam", default=config.ADIP["lam"], show_default=True,
+              help="Weight of the image-embedding term (1 - lam: the text term).")
 @SEED
 @click.option("--eval-every", default=100, show_default=True, help="Steps between source-val checks.")
 @click.option("--batch-size", default=128, show_default=True, help="Images per feature batch.")
@@ -87,40 +85,62 @@ def align(run_dir, student, student_weights, student_size, holdout, steps, per_d
 
 @main.command()
 @RUN
-@click.option("--method", default="adip", show_default=True, help="Distillation method: adip.")
+@click.option("--method", default="adip", show_default=True,
+              help="adip, sd, rise, kd, erm, or probe (linear probe on cached teacher embeddings).")
 @HELD_OUT
-@click.option("--student", default=None, help="Student name or key, if several were aligned.")
+@click.option("--student", default=None,
+              help="timm model name (erm/kd/rise); for adip, picks among aligned students. "
+                   "Default: the student aligned for this held-out domain.")
+@click.option("--student-weights", default=config.REAL["student_weights"], show_default=True,
+              help="'imagenet', 'none' or a weights file (with --student, for erm/kd/rise).")
+@click.option("--student-size", type=int, default=None, help="Student input size (with --student).")
 @click.option("--steps", default=config.ADIP["steps"], show_default=True, help="Training steps.")
 @PER_DOMAIN
-@LR
-@LAM
 @SEED
 @click.option("--eval-every", default=500, show_default=True, help="Steps between source-val checks.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the method's: 5e-5 Adam; rise 1e-3 SGD).")
+@click.option("--lam", type=float, default=None, help="adip/sd: weight of the image term (default 0.5).")
+@click.option("--temperature", type=float, default=None, help="kd/rise: distillation temperature (4 / 3).")
+@click.option("--alpha", type=float, default=None, help="kd: weight of the KD term (default 0.5).")
+@click.option("--w-kd", type=float, default=None, help="rise: KD weight (default 0.9).")
+@click.option("--w-ce", type=float, default=None, help="rise: cross-entropy weight (default 0.1).")
+@click.option("--w-dist", type=float, default=None, help="rise: AD + RD weight (default 1.0).")
+@click.option("--anchors", type=click.Choice(["domains", "generic"]), default="domains", show_default=True,
+              help="rise: relative-distance anchors: source-domain names, or bright/corrupted/dark/good photo.")
+@click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
+@click.option("--swad/--no-swad", default=None, help="SWAD weight averaging (default: on for adip and sd).")
 @WORKERS
 @FORCE
-def distill(run_dir, method, holdout, student, steps, per_domain, lr, lam, seed, eval_every, workers, force):
-    """Train the student on replayed views against the cached teacher embeddings."""
+def distill(run_dir, method, holdout, student, student_weights, student_size, steps, per_domain, seed,
+            eval_every, lr, lam, temperature, alpha, w_kd, w_ce, w_dist, anchors, cutmix, swad, workers, force):
+    """Train a student on replayed views against the cached teacher embeddings."""
+    hparams = {"lr": lr, "lam": lam, "temperature": temperature, "alpha": alpha, "w_kd": w_kd,
+               "w_ce": w_ce, "w_dist": w_dist}
     with RunFolder(run_dir).writing() as run:
-        jobs.distill(run, method=method, holdout=holdout, student=student, steps=steps,
-                     per_domain=per_domain, lr=lr, lam=lam, seed=seed, eval_every=eval_every,
-                     workers=workers, force=force)
+        jobs.distill(run, method=method, holdout=holdout, student=student, student_weights=student_weights,
+                     student_size=student_size, steps=steps, per_domain=per_domain, seed=seed,
+                     eval_every=eval_every, workers=workers, force=force, hparams=hparams, cutmix=cutmix,
+                     swad=swad, anchors=anchors)
 
 
 @main.command()
 @RUN
-@click.option("--method", default="adip", show_default=True, help="adip, or zeroshot (the teacher, from the cache).")
+@click.option("--method", default="adip", show_default=True,
+              help="adip, sd, rise, kd, erm, probe, or zeroshot (the teacher, from the cache).")
 @HELD_OUT
-@click.option("--student", default=None, help="Student name or key, if several were aligned.")
+@click.option("--student", default=None, help="Student name or key, if several were trained.")
+@click.option("--model", default="best", show_default=True,
+              help="best (source-validation selection) or swad (the averaged weights).")
 @SEED
 @WORKERS
 @FORCE
-def evaluate(run_dir, method, holdout, student, seed, workers, force):
+def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
     """Per-domain accuracy; appends one JSON object to RUN/results.jsonl."""
     with RunFolder(run_dir).writing() as run:
-        result = jobs.evaluate(run, method=method, holdout=holdout, student=student, seed=seed,
+        result = jobs.evaluate(run, method=method, holdout=holdout, student=student, seed=seed, model=model,
                                workers=workers, force=force)
-    click.echo(json.dumps({k: result[k] for k in ("method", "holdout", "holdout_acc", "source_val_acc",
-                                                   "accuracy", "split")}))
+    click.echo(json.dumps({k: result[k] for k in ("method", "model", "holdout", "seed", "holdout_acc",
+                                                   "source_val_acc", "accuracy", "split")}))
 
 
 @main.command()
@@ -128,30 +148,36 @@ def evaluate(run_dir, method, holdout, student, seed, workers, force):
               help="Dataset root (DomainBed layout). Default: generate the built-in demo.")
 @click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
               help=f"Run folder. Default: {config.DEMO_RUN}.")
+@click.option("--methods", default=None,
+              help="Comma-separated methods (default: zeroshot,probe,erm,kd,rise,adip; also sd).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated training seeds.")
+@click.option("--holdouts", default=None, help="Comma-separated held-out domains (default: all).")
 @click.option("--teacher", default=None, help="open_clip model name or local-dir:PATH.")
 @click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
 @click.option("--student", default=None, help="timm model name.")
 @click.option("--student-weights", default=None, help="imagenet, none or a weights file.")
 @click.option("--student-size", type=int, default=None, help="Student input size.")
 @click.option("--views", type=int, default=None, help="Views per image.")
-@click.option("--steps", type=int, default=None, help="Distillation steps per held-out domain.")
-@click.option("--align-steps", type=int, default=None, help="Alignment steps per held-out domain.")
+@click.option("--steps", type=int, default=None, help="Training steps per method, held-out domain and seed.")
+@click.option("--align-steps", type=int, default=None, help="Alignment steps (adip).")
 @click.option("--per-domain", type=int, default=None, help="Images per source domain per step.")
-@click.option("--holdouts", default=None, help="Comma-separated held-out domains (default: all).")
-@SEED
+@click.option("--eval-every", type=int, default=None, help="Steps between source-val checks.")
+@click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
 @WORKERS
 @FORCE
-def run(data_root, run_dir, teacher, pretrained, student, student_weights, student_size, views, steps,
-        align_steps, per_domain, holdouts, seed, workers, force):
-    """Everything, every held-out domain: extract, align, distill, evaluate, then the table.
+def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, student, student_weights,
+        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, workers, force):
+    """Every held-out domain x method x seed from one extraction, then the table.
 
     With no arguments: the built-in demo (generated shapes in four styles, tiny models).
+    Finished work is skipped on re-run.
     """
     from pipeline.protocol import run_all
     run_all(data_root=data_root, run_dir=run_dir, overrides={
         "teacher": teacher, "pretrained": pretrained, "student": student, "student_weights": student_weights,
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
-        "per_domain": per_domain}, holdouts=holdouts, seed=seed, workers=workers, force=force)
+        "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
+        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix)
 
 
 @main.command()

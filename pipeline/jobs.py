@@ -8,9 +8,10 @@ import time
 import click
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from cache import store
+from cache.teacher_store import TeacherCache
 from cache.index import write_table
 from data import domainbed
 from data.images import ReplayImages
@@ -23,12 +24,15 @@ from stages import align as align_stage
 from stages import distill as distill_stage
 from stages import evaluate as evaluate_stage
 from stages import extract as extract_stage
-from stages.methods import METHODS, ProjectedStudent
+from stages import probe as probe_stage
+from stages.losses import clip_logits
+from stages.methods import METHODS
 from stages.predict import device
 from stages.prompts import templates as template_set_named
 from stages.student import create_backbone, feature_dim, student_key
 
-CACHE_ONLY_METHODS = ("zeroshot",)  # evaluated from the teacher cache, no student
+CACHE_METHODS = ("zeroshot", "probe")  # the teacher itself, from the cache: no student
+ALL_METHODS = (*CACHE_METHODS, *METHODS)
 
 
 def say(message: str) -> None:
@@ -93,6 +97,7 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
                                     template_set=template_set, n_views=views, view_seed=view_seed,
                                     augment=augment, batch_size=batch_size, workers=workers)
     status = store.read(run.teacher_store, "status")
+    summary["teacher_image_forwards"] = int((status == store.DONE).sum()) * views
     reasons = extract_stage.skipped_reasons(run.teacher_store)
     index.status = ["ok" if s == store.DONE else reasons.get(p, "skipped") for s, p in zip(status, index.paths)]
     write_table(run.index_path, *index.to_columns())
@@ -143,7 +148,7 @@ def align(run: RunFolder, *, student: str, student_weights: str, student_size, h
     if manifest.why_stale(out, config, inputs) is None and not force:
         say(f"align: up to date for held-out '{holdout}' ({key}); --force recomputes")
         return key
-    cache = extract_stage.TeacherCache(run.teacher_store)
+    cache = TeacherCache(run.teacher_store)
     features = torch.from_numpy(store.read(features_path, "features"))
     labels = torch.as_tensor(index.label)
     train_rows = [index.rows([d], domainbed.TRAIN) for d in sources]
@@ -169,90 +174,149 @@ def _check_positive(**values) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
-def _build_student(run: RunFolder, key: str, classifier: torch.Tensor, projection_path=None):
-    info = json.loads((run.features(key) / "student.json").read_text())
+def _student_for(run: RunFolder, method: str, holdout: str, student: str | None, student_weights: str,
+                 student_size) -> tuple[str, dict]:
+    """(key, description) of the student a method trains for ``holdout``."""
+    if method in CACHE_METHODS:
+        return "teacher", {"student": "teacher"}
+    if method == "sd":
+        return "teacher-image-tower", {"student": "teacher-image-tower"}
+    if METHODS[method].needs_alignment or student is None:
+        key = run.resolve_student(holdout, student if METHODS[method].needs_alignment else None)
+        return key, json.loads((run.features(key) / "student.json").read_text())
+    return student_key(student, student_weights, student_size), {
+        "student": student, "student_weights": student_weights, "student_size": student_size}
+
+
+def _build(method: str, info: dict, cache: TeacherCache, text, load_teacher_weights: bool):
+    """The method's model (untrained head) and its input spec, from a student description."""
+    if method == "sd":
+        from stages.teacher import OpenClipTeacher
+        teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if load_teacher_weights else None)
+        if load_teacher_weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:
+            raise UserError(f"the teacher checkpoint changed since extraction; sd must start from the cached "
+                            f"teacher ({cache.attrs['teacher']}, {cache.attrs['pretrained']})")
+        tower = teacher.model.visual.float()
+        return METHODS[method].build(tower, cache.dim, text), teacher.input_spec
     backbone, spec = create_backbone(info["student"], info["student_weights"], info["student_size"])
-    model = ProjectedStudent(backbone, feature_dim(backbone), classifier)
-    if projection_path is not None:
-        load_model(model.projection, projection_path)
-    return model, spec, info
+    return METHODS[method].build(backbone, feature_dim(backbone), text), spec
 
 
-def distill(run: RunFolder, *, method: str, holdout: str, student: str | None, steps: int,
-            per_domain: int, lr: float, lam: float, seed: int, eval_every: int, workers: int,
-            force: bool) -> str:
-    if method not in METHODS:
-        raise UserError(f"unknown method '{method}' for distill; choose from {', '.join(METHODS)}")
+def _anchor_names(cache: TeacherCache, sources: list, anchors: str) -> list:
+    if anchors == "domains":
+        return sources
+    if anchors == "generic":
+        return [a for a in cache.anchor_names if a not in cache.attrs["domains"]]
+    raise UserError(f"--anchors must be 'domains' or 'generic', got '{anchors}'")
+
+
+def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = None,
+            student_weights: str = "imagenet", student_size=None, steps: int, per_domain: int,
+            seed: int = 0, eval_every: int, workers: int = 0, force: bool = False,
+            hparams: dict | None = None, cutmix: float = 0.0, swad: bool | None = None,
+            anchors: str = "domains") -> str:
+    """Train ``method`` for ``holdout`` and save its best (and SWAD) weights."""
+    if method not in ALL_METHODS or method == "zeroshot":
+        raise UserError(f"unknown method '{method}' for distill; choose from "
+                        f"{', '.join(m for m in ALL_METHODS if m != 'zeroshot')}")
     _check_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
+    if not 0.0 <= cutmix <= 1.0:
+        raise UserError(f"--cutmix is a probability in [0, 1], got {cutmix}")
     index = run.load_index()
     sources = index.check_holdout(holdout)
-    key = run.resolve_student(holdout, student)
-    projection_path = run.align(key, holdout) / "projection.safetensors"
-    inputs = {**_teacher_input(run), run.rel(projection_path): manifest.output_hash(run.root, run.rel(projection_path))}
-    config = {"method": method, "steps": steps, "per_domain": per_domain, "lr": lr, "lam": lam,
-              "seed": seed, "eval_every": eval_every, "weight_decay": ADIP["weight_decay"]}
+    key, info = _student_for(run, method, holdout, student, student_weights, student_size)
+    inputs = _teacher_input(run)
+    if method == "adip":
+        projection_path = run.align(key, holdout) / "projection.safetensors"
+        inputs[run.rel(projection_path)] = manifest.output_hash(run.root, run.rel(projection_path))
+    use_swad = METHODS[method].swad_default if (swad is None and method in METHODS) else bool(swad)
+    hparams = {k: v for k, v in (hparams or {}).items() if v is not None}
+    config = {"method": method, "student": info, "steps": steps, "per_domain": per_domain, "seed": seed,
+              "eval_every": eval_every, "hparams": hparams, "cutmix": cutmix, "swad": use_swad,
+              "anchors": anchors}
     out = run.distill(method, key, holdout, seed)
     if manifest.why_stale(out, config, inputs) is None and not force:
         say(f"distill: {method} up to date for held-out '{holdout}' ({key}, seed {seed}); --force recomputes")
         return key
-    cache = extract_stage.TeacherCache(run.teacher_store)
-    model, spec, info = _build_student(run, key, cache.classifier, projection_path)
-    trainer = METHODS[method](model, lr=lr, weight_decay=ADIP["weight_decay"], lam=lam)
-    dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
-    say(f"distill: {method}, {info['student']} on {', '.join(sources)} -> held-out '{holdout}', "
-        f"{steps} steps of {per_domain} images per domain")
+    cache = TeacherCache(run.teacher_store)
+    train_rows = [index.rows([d], domainbed.TRAIN) for d in sources]
+    val_rows = index.rows(sources, domainbed.VAL)
     started = time.time()
-    state, log = distill_stage.distill(
-        trainer, dataset, cache, index.label, [index.rows([d], domainbed.TRAIN) for d in sources],
-        index.rows(sources, domainbed.VAL), steps=steps, per_domain=per_domain, seed=seed,
-        eval_every=eval_every, workers=workers)
+    if method == "probe":
+        state, log = probe_stage.train_probe(cache.image_emb, torch.as_tensor(index.label), train_rows, val_rows,
+                                             steps=steps, per_domain=per_domain, seed=seed,
+                                             eval_every=eval_every, **hparams)
+        states, outputs = {"best": state}, ["best.safetensors"]
+    else:
+        text = cache.text(_anchor_names(cache, sources, anchors))
+        model, spec = _build(method, info, cache, text, load_teacher_weights=True)
+        if method == "adip":
+            model.projection.load_state_dict(load_file(projection_path))
+        trainer = METHODS[method](model, text, steps, **hparams)
+        dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
+        say(f"distill: {method}, {info['student']} on {', '.join(sources)} -> held-out '{holdout}', "
+            f"{steps} steps of {per_domain} images per domain{', SWAD' if use_swad else ''}"
+            f"{f', CutMix p={cutmix}' if cutmix else ''}")
+        states, log = distill_stage.distill(trainer, dataset, cache, index.label, train_rows, val_rows,
+                                            steps=steps, per_domain=per_domain, seed=seed,
+                                            eval_every=eval_every, workers=workers, cutmix_p=cutmix,
+                                            swad=use_swad)
+        outputs = [f"{name}.safetensors" for name in states]
     out.mkdir(parents=True, exist_ok=True)
-    model.load_state_dict(state)
-    save_model(model, str(out / "model.safetensors"))
-    _write_json(out / "config.json", {**config, "holdout": holdout, "sources": sources, "student_key": key,
-                                      "student": info})
+    for name, state in states.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, out / f"{name}.safetensors")
+    _write_json(out / "config.json", {**config, "holdout": holdout, "sources": sources, "student_key": key})
     _write_jsonl(out / "log.jsonl", log)
     summary = {**log[-1], "seconds": round(time.time() - started, 1)}
-    manifest.write(out, config, inputs, ["model.safetensors", "config.json"], summary)
-    say(f"distill: held-out '{holdout}': best source-val accuracy {summary['best_source_val_acc']:.3f} "
+    manifest.write(out, config, inputs, outputs + ["config.json"], summary)
+    say(f"distill: {method} held-out '{holdout}': best source-val accuracy {summary['best_source_val_acc']:.3f} "
         f"at step {summary['best_step']} ({summary['seconds']} s)")
     return key
 
 
-def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None, seed: int,
-             workers: int, force: bool = False) -> dict:
-    """Score one trained model (or the cached teacher) and append the result to results.jsonl."""
-    if method not in METHODS and method not in CACHE_ONLY_METHODS:
-        raise UserError(f"unknown method '{method}'; choose from {', '.join([*METHODS, *CACHE_ONLY_METHODS])}")
+def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None = None, seed: int = 0,
+             model: str = "best", workers: int = 0, force: bool = False) -> dict:
+    """Score a trained model (``model``: best or swad) or the cached teacher; append to results.jsonl."""
+    if method not in ALL_METHODS:
+        raise UserError(f"unknown method '{method}'; choose from {', '.join(ALL_METHODS)}")
+    if model not in ("best", "swad"):
+        raise UserError(f"--model must be 'best' or 'swad', got '{model}'")
     index = run.load_index()
     index.check_holdout(holdout)
-    teacher_input = _teacher_input(run)
+    inputs = _teacher_input(run)
     cache_attrs = store.read_attrs(run.teacher_store)
-    if method in CACHE_ONLY_METHODS:
-        key, inputs = "teacher", teacher_input
+    if method == "zeroshot":
+        key, model = "teacher", "cache"
     else:
-        key = run.resolve_student(holdout, student)
-        model_path = run.distill(method, key, holdout, seed) / "model.safetensors"
-        digest = manifest.output_hash(run.root, run.rel(model_path))
+        key = _student_for(run, method, holdout, student, "", None)[0] if method in ("probe", "sd") \
+            else _trained_key(run, method, holdout, student, seed)
+        weights = run.distill(method, key, holdout, seed) / f"{model}.safetensors"
+        digest = manifest.output_hash(run.root, run.rel(weights))
         if digest is None:
-            raise UserError(f"no trained {method} model for held-out '{holdout}' (seed {seed}); run "
+            raise UserError(f"no trained {method} model ({model}) for held-out '{holdout}', seed {seed}; run "
                             f"`pipeline distill --run {run.root} --method {method} --holdout {holdout}` first")
-        inputs = {**teacher_input, run.rel(model_path): digest}
-    out = run.evaluate(method, key, holdout, seed)
+        inputs[run.rel(weights)] = digest
+    label = method + ("+swad" if model == "swad" else "")
+    out = run.evaluate(label, key, holdout, seed)
     if manifest.why_stale(out, {}, inputs) is None and not force:
         return json.loads((out / "metrics.json").read_text())
-    cache = extract_stage.TeacherCache(run.teacher_store)
-    if method in CACHE_ONLY_METHODS:
-        metrics = evaluate_stage.evaluate_zeroshot(cache, index, holdout)
+    cache = TeacherCache(run.teacher_store)
+    if method == "zeroshot":
+        metrics = evaluate_stage.evaluate_cached(
+            lambda emb: clip_logits(emb, cache.classifier), cache, index, holdout)
+    elif method == "probe":
+        head = load_file(weights)
+        metrics = evaluate_stage.evaluate_cached(lambda emb: probe_stage.probe_logits(head, emb), cache, index, holdout)
     else:
-        model, spec, _ = _build_student(run, key, cache.classifier)
-        load_model(model, str(model_path))
-        model.eval()
+        trained = json.loads((weights.parent / "config.json").read_text())
+        sources = trained["sources"]
+        text = cache.text(_anchor_names(cache, sources, trained["anchors"]))
+        net, spec = _build(method, trained["student"], cache, text, load_teacher_weights=False)
+        net.load_state_dict(load_file(weights))
+        trainer = METHODS[method](net.to(device()), text, 1)
         dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
-        with torch.inference_mode():
-            metrics = evaluate_stage.evaluate_student(model.to(device()).predict, dataset,
-                                                      index, holdout, workers)
-    result = {"method": method, "student": key, "teacher": cache_attrs["teacher"],
+        metrics = evaluate_stage.evaluate_student(trainer.predict, dataset, index, holdout, workers)
+    result = {"method": method, "model": model, "student": key, "teacher": cache_attrs["teacher"],
               "pretrained": cache_attrs["pretrained"], "holdout": holdout, "seed": seed, **metrics,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out.mkdir(parents=True, exist_ok=True)
@@ -263,23 +327,16 @@ def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None, 
     return result
 
 
-def results_table(run: RunFolder, methods: list, holdouts: list) -> str:
-    """Markdown table of held-out accuracy (%): rows methods, columns held-out domains + average.
-
-    Uses the latest result for each (method, holdout), averaged over seeds.
-    """
-    latest = {}
-    if run.results.exists():
-        for line in run.results.read_text().splitlines():
-            r = json.loads(line)
-            latest[(r["method"], r["holdout"], r["seed"])] = r["holdout_acc"]
-    lines = ["| method | " + " | ".join(holdouts) + " | average |",
-             "|---" * (len(holdouts) + 2) + "|"]
-    for method in methods:
-        cells = []
-        for h in holdouts:
-            accs = [v for (m, hd, _), v in latest.items() if m == method and hd == h]
-            cells.append(100 * float(np.mean(accs)) if accs else float("nan"))
-        row = [f"{c:.1f}" for c in cells] + [f"{np.mean(cells):.1f}"]
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+def _trained_key(run: RunFolder, method: str, holdout: str, student: str | None, seed: int) -> str:
+    """The student key of a finished ``method`` run for ``holdout``/``seed``."""
+    base = run.root / "distill" / method
+    keys = sorted(p.parents[2].name for p in base.glob(f"*/{holdout}/seed{seed}/manifest.json")) \
+        if base.exists() else []
+    if student:
+        keys = [k for k in keys if k == student or k.startswith(student + "_")]
+    if len(keys) == 1:
+        return keys[0]
+    if not keys:
+        raise UserError(f"no trained {method} model for held-out '{holdout}', seed {seed} in {run.root}; run "
+                        f"`pipeline distill --run {run.root} --method {method} --holdout {holdout}` first")
+    raise UserError(f"several {method} students for '{holdout}': {', '.join(keys)}; pick one with --student")

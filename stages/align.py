@@ -47,40 +47,51 @@ def cache_student_features(backbone, spec, index, view_params: np.ndarray, rows,
     return {"views": len(items), "seconds": round(time.time() - started, 2), "dim": features.shape[-1]}
 
 
+def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_domain: list, val_rows, *,
+                 loss, logits, labels: torch.Tensor, steps: int, per_domain: int, lr: float,
+                 weight_decay: float, seed: int, eval_every: int, desc: str) -> tuple[dict, list]:
+    """Train a small module on cached per-view arrays with Adam; keep the best on source val.
+
+    ``features`` is [N, K, d]; each step draws balanced (image, view) items, calls
+    ``loss(module(features[items]), rows, items)``; validation scores ``logits(module(x))`` on the
+    eval view (view 0) of ``val_rows``. Returns the best state dict and the log.
+    """
+    n_views = features.shape[1]
+    flat = features.flatten(0, 1).float()
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, n_views, seed, steps)
+    val_rows = torch.as_tensor(val_rows)
+    val_inputs, val_labels = features[val_rows, 0].float(), labels[val_rows]
+    best, log = (-1.0, None, 0), []
+    for step, items in enumerate(progress(iterable=sampler, desc=desc, unit="step"), start=1):
+        items = torch.as_tensor(items)
+        batch_loss = loss(module(flat[items]), items // n_views, items)
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss.backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                acc = float((logits(module(val_inputs)).argmax(-1) == val_labels).float().mean())
+            log.append({"step": step, "loss": round(batch_loss.item(), 5), "source_val_acc": acc})
+            if acc > best[0]:
+                best = (acc, copy.deepcopy(module.state_dict()), step)
+    return best[1], log + [{"best_step": best[2], "best_source_val_acc": best[0]}]
+
+
 def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.Tensor,
           labels: torch.Tensor, train_rows_by_domain: list, val_rows: np.ndarray, *,
           steps: int, per_domain: int = 32, lr: float = 5e-5, weight_decay: float = 0.0,
           lam: float = 0.5, seed: int = 0, eval_every: int = 50) -> tuple[dict, list]:
-    """Train ``Linear(student_dim, teacher_dim)`` on cached arrays; keep the best on source val.
+    """Train ``Linear(student_dim, teacher_dim)`` with the VL2V loss on cached arrays.
 
     ``features`` [N, K, d] and ``teacher_emb`` [N, K, D] are indexed by flat items
     ``row * K + view``. Returns the best projection's state dict and the training log.
     """
     torch.manual_seed(seed)
-    n_views = features.shape[1]
-    flat_features, flat_teacher = features.flatten(0, 1).float(), teacher_emb.flatten(0, 1).float()
+    flat_teacher = teacher_emb.flatten(0, 1).float()
     projection = torch.nn.Linear(features.shape[-1], teacher_emb.shape[-1])
-    optimizer = torch.optim.Adam(projection.parameters(), lr=lr, weight_decay=weight_decay)
-    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, n_views, seed, steps)
-    val_features, val_labels = features[torch.as_tensor(val_rows), 0].float(), labels[torch.as_tensor(val_rows)]
-
-    def val_accuracy() -> float:
-        with torch.no_grad():
-            predicted = clip_logits(projection(val_features), classifier).argmax(-1)
-        return float((predicted == val_labels).float().mean())
-
-    best = (-1.0, None, -1)
-    log = []
-    for step, items in enumerate(progress(iterable=sampler, desc="align", unit="step")):
-        items = torch.as_tensor(items)
-        rows = items // n_views
-        loss = vl2v_loss(projection(flat_features[items]), flat_teacher[items], classifier[labels[rows]], lam)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            acc = val_accuracy()
-            log.append({"step": step + 1, "loss": round(loss.item(), 5), "source_val_acc": acc})
-            if acc > best[0]:
-                best = (acc, copy.deepcopy(projection.state_dict()), step + 1)
-    return best[1], log + [{"best_step": best[2], "best_source_val_acc": best[0]}]
+    return fit_on_cache(
+        projection, features, train_rows_by_domain, val_rows,
+        loss=lambda z, rows, items: vl2v_loss(z, flat_teacher[items], classifier[labels[rows]], lam),
+        logits=lambda z: clip_logits(z, classifier), labels=labels, steps=steps, per_domain=per_domain,
+        lr=lr, weight_decay=weight_decay, seed=seed, eval_every=eval_every, desc="align")

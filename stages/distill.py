@@ -1,9 +1,10 @@
-"""Distill: train the student on replayed views against cached teacher targets.
+"""Distill: train a student on replayed views against cached teacher targets.
 
-No teacher in the loop: each step decodes the recorded views (in DataLoader workers), runs
-the student forward and backward, and reads the teacher's embeddings of those exact views
-from memory. The model with the best source-validation accuracy is kept (DomainBed's
-training-domain validation).
+No teacher in the loop: each step decodes the recorded views (in DataLoader workers), runs the
+student forward and backward, and reads the teacher's embeddings of those exact views from
+memory. Every ``eval_every`` steps the source-validation accuracy and loss are measured; the
+model with the best accuracy is kept (DomainBed's training-domain validation) and, with SWAD,
+the dense weight average over the loss valley as well.
 """
 import copy
 import time
@@ -11,43 +12,84 @@ import time
 import numpy as np
 import torch
 
+from data.cutmix import cutmix
 from data.images import ReplayImages
 from data.sampling import BalancedViewSampler
 from pipeline.progress import progress
-from stages.predict import accuracy, device, predict_labels
+from stages.methods import Batch
+from stages.predict import device, loader
+from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
+
+BN_BATCHES = 20  # training batches that re-estimate BatchNorm statistics of SWAD weights
 
 
 def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
-            val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0,
-            eval_every: int = 100, workers: int = 0) -> tuple[dict, list]:
-    """Run ``steps`` updates of ``method``; return the best state dict and the log."""
+            val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
+            workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
+            swad_valley: dict | None = None) -> tuple[dict, list]:
+    """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log)."""
     torch.manual_seed(seed)
     run_device = device()
-    method.model.to(run_device)
+    model = method.model.to(run_device)
+    if run_device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     labels_t = torch.as_tensor(labels)
+    rng = np.random.default_rng([seed, 1])
     sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps)
     batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                          pin_memory=torch.cuda.is_available(),
-                                          persistent_workers=workers > 0)
+                                          pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
 
-    def source_val_accuracy() -> float:
-        predicted = predict_labels(method.predict, dataset, val_rows, workers=0)
-        return accuracy(predicted, labels[val_rows])
+    def make_batch(items, pixels) -> Batch:
+        images = pixels.to(run_device, non_blocking=True)
+        if run_device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return Batch(images, labels_t[items // dataset.n_views].to(run_device),
+                     cache.targets(items).to(run_device, non_blocking=True))
 
+    def validate() -> tuple[float, float]:
+        correct, total_loss = 0, 0.0
+        for items, pixels in loader(dataset, np.asarray(val_rows) * dataset.n_views, 128, 0):
+            batch = make_batch(items, pixels)
+            logits, loss = method.evaluate(batch)
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+            total_loss += loss * len(items)
+        return correct / max(len(val_rows), 1), total_loss / max(len(val_rows), 1)
+
+    valley = LossValley(**(swad_valley or {})) if swad else None
+    segment, segment_start = RunningAverage(), 1
     best, log, losses = (-1.0, None, 0), [], []
     started = time.time()
-    with progress(total=steps, desc="distill", unit="step") as bar:
+    with progress(total=steps, desc=f"distill {method.name}", unit="step") as bar:
         for step, (items, pixels) in enumerate(batches, start=1):
-            targets = cache.targets(items).to(run_device, non_blocking=True)
-            step_labels = labels_t[items // dataset.n_views].to(run_device, non_blocking=True)
-            losses.append(method.update(pixels.to(run_device, non_blocking=True), step_labels, targets)["loss"])
+            batch = make_batch(items, pixels)
+            if cutmix_p and rng.random() < cutmix_p:
+                mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
+                batch = Batch(mixed, batch.labels, batch.image_emb, batch.labels[perm], batch.image_emb[perm], mix)
+            losses.append(method.update(batch)["loss"])
+            if swad:
+                segment.add(model.state_dict())
             bar.update(1)
             if step % eval_every == 0 or step == steps:
-                acc = source_val_accuracy()
-                log.append({"step": step, "loss": round(float(np.mean(losses)), 5),
-                            "source_val_acc": acc, "seconds": round(time.time() - started, 1)})
+                acc, val_loss = validate()
+                log.append({"step": step, "loss": round(float(np.mean(losses)), 5), "source_val_acc": acc,
+                            "source_val_loss": round(val_loss, 5), "seconds": round(time.time() - started, 1)})
                 losses = []
                 bar.set_postfix(loss=log[-1]["loss"], val=f"{acc:.3f}")
                 if acc > best[0]:
-                    best = (acc, copy.deepcopy(method.model.state_dict()), step)
-    return best[1], log + [{"best_step": best[2], "best_source_val_acc": best[0]}]
+                    best = (acc, copy.deepcopy(model.state_dict()), step)
+                if swad:
+                    valley.update(Segment(segment.state, val_loss, segment_start, step))
+                    segment, segment_start = RunningAverage(), step + 1
+    states = {"best": best[1]}
+    summary = {"best_step": best[2], "best_source_val_acc": best[0]}
+    if swad:
+        model.load_state_dict(valley.final_state())
+        bn_sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed + 1,
+                                         min(BN_BATCHES, steps))
+        bn_batches = torch.utils.data.DataLoader(dataset, batch_sampler=bn_sampler, num_workers=workers)
+        update_batchnorm(model, (make_batch(items, pixels).images for items, pixels in bn_batches))
+        states["swad"] = copy.deepcopy(model.state_dict())
+        acc, val_loss = validate()
+        summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,
+                       swad_source_val_acc=acc)
+    return states, log + [summary]

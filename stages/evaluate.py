@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from data.domainbed import TRAIN, VAL
-from stages.losses import clip_logits
 from stages.predict import accuracy, predict_labels
 
 
@@ -33,11 +32,11 @@ def evaluate_student(predict, dataset, index, holdout: str, workers: int = 0) ->
     return summarize(accuracies, splits, holdout, counts)
 
 
-def evaluate_zeroshot(cache, index, holdout: str) -> dict:
-    """The teacher's zero-shot accuracy on the evaluation view, from the cache alone."""
+def evaluate_cached(logits_of, cache, index, holdout: str) -> dict:
+    """Accuracy of a classifier of cached teacher embeddings (eval view): zero-shot, probe."""
     accuracies, splits, counts = {}, {}, {}
     for domain, (split, rows) in eval_rows(index, holdout).items():
-        logits = clip_logits(cache.image_emb[torch.as_tensor(rows), 0].float(), cache.classifier)
+        logits = logits_of(cache.image_emb[torch.as_tensor(rows), 0].float())
         accuracies[domain] = accuracy(logits.argmax(-1).numpy(), index.label[rows])
         splits[domain], counts[domain] = split, len(rows)
     return summarize(accuracies, splits, holdout, counts)

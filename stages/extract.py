@@ -7,6 +7,10 @@ Writes one HDF5 store (``teacher.h5``):
 - ``status``      [images] uint8: 0 pending, 1 done, 2 skipped (bad image)
 - ``text_emb``    [classes, templates, dim] float16, L2-normalised per prompt
 - ``classifier``  [classes, dim] float16: templates averaged, then re-normalised
+- ``rise_text_emb`` [classes, 7, dim] float16: RISE's 7-template prompts, and their
+  ``rise_classifier`` [classes, dim] (the class ensemble)
+- ``anchor_emb``  [classes, anchors, dim] float16: "a {d} of a {class}." for every domain name d
+  and RISE's generic anchors (attribute ``anchor_names``)
 
 Rows are written in order and ``status`` is set only after a row's embeddings are on disk, so
 re-running after an interruption continues with the pending rows. Skipped images and their
@@ -23,7 +27,7 @@ import torch
 from cache import store
 from data.images import ExtractionImages
 from data.views import PARAM_NAMES, Augment
-from stages.prompts import class_prompt_name
+from stages.prompts import GENERIC_ANCHORS, TEMPLATE_SETS, anchor_prompts, class_prompt_name
 from stages.teacher import text_classifier
 from pipeline.progress import progress
 
@@ -38,6 +42,7 @@ def store_attrs(teacher, index, templates: tuple, template_set: str, n_views: in
             "views": n_views, "view_seed": view_seed, "augment": augment.to_dict(),
             "dataset_fingerprint": index.fingerprint, "classes": index.classes,
             "domains": index.domains, "images": len(index), "param_names": list(PARAM_NAMES),
+            "anchor_names": index.domains + list(GENERIC_ANCHORS),
             "format_version": store.FORMAT_VERSION}
 
 
@@ -46,11 +51,20 @@ def mismatches(existing: dict, wanted: dict) -> list:
     return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
 
 
+def encode_prompts(teacher, prompts: list) -> torch.Tensor:
+    return torch.cat([teacher.encode_texts(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+
+
 def encode_class_texts(teacher, classes: list, templates: tuple) -> torch.Tensor:
     """[classes, templates, dim] normalised text embeddings."""
     prompts = [t.format(class_prompt_name(c)) for c in classes for t in templates]
-    embeddings = torch.cat([teacher.encode_texts(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
-    return embeddings.reshape(len(classes), len(templates), -1)
+    return encode_prompts(teacher, prompts).reshape(len(classes), len(templates), -1)
+
+
+def encode_anchors(teacher, classes: list, anchor_names: list) -> torch.Tensor:
+    """[classes, anchors, dim] embeddings of "a {anchor} of a {class}."."""
+    per_anchor = [encode_prompts(teacher, anchor_prompts(a, classes)) for a in anchor_names]
+    return torch.stack(per_anchor, dim=1)
 
 
 def extract(index, teacher, store_path, *, templates: tuple, template_set: str, n_views: int,
@@ -60,18 +74,22 @@ def extract(index, teacher, store_path, *, templates: tuple, template_set: str, 
     store_path = Path(store_path)
     skipped_path = store_path.with_name("skipped.jsonl")
     if not store_path.exists():
-        text = encode_class_texts(teacher, index.classes, templates)
-        n, k, dim = len(index), n_views, text.shape[-1]
+        attrs = store_attrs(teacher, index, templates, template_set, n_views, view_seed, augment)
+        texts = {"text_emb": encode_class_texts(teacher, index.classes, templates),
+                 "rise_text_emb": encode_class_texts(teacher, index.classes, TEMPLATE_SETS["rise7"]),
+                 "anchor_emb": encode_anchors(teacher, index.classes, attrs["anchor_names"])}
+        texts["classifier"] = text_classifier(texts["text_emb"])
+        texts["rise_classifier"] = text_classifier(texts["rise_text_emb"])
+        n, k, dim = len(index), n_views, texts["text_emb"].shape[-1]
         store.create(store_path, {
             "image_emb": ((n, k, dim), np.float16),
             "view_params": ((n, k, len(PARAM_NAMES)), np.float32),
             "status": ((n,), np.uint8),
-            "text_emb": (tuple(text.shape), np.float16),
-            "classifier": ((len(index.classes), dim), np.float16),
-        }, store_attrs(teacher, index, templates, template_set, n_views, view_seed, augment))
+            **{name: (tuple(t.shape), np.float16) for name, t in texts.items()},
+        }, attrs)
         with h5py.File(store_path, "r+") as f:
-            f["text_emb"][...] = text.numpy().astype(np.float16)
-            f["classifier"][...] = text_classifier(text).numpy().astype(np.float16)
+            for name, t in texts.items():
+                f[name][...] = t.numpy().astype(np.float16)
         skipped_path.unlink(missing_ok=True)
 
     pending = np.flatnonzero(store.read(store_path, "status") == store.PENDING)
@@ -135,23 +153,3 @@ def skipped_reasons(store_path) -> dict:
     with open(skipped_path) as f:
         return {entry["path"]: entry["reason"] for entry in map(json.loads, f)}
 
-
-class TeacherCache:
-    """Everything training needs from ``teacher.h5``, read into memory once."""
-
-    def __init__(self, store_path):
-        self.path = Path(store_path)
-        self.attrs = store.read_attrs(self.path)
-        self.image_emb = torch.from_numpy(store.read(self.path, "image_emb"))  # float16
-        self.view_params = store.read(self.path, "view_params")
-        self.status = store.read(self.path, "status")
-        self.classifier = torch.from_numpy(store.read(self.path, "classifier")).float()
-        self.n_views = self.image_emb.shape[1]
-
-    @property
-    def dim(self) -> int:
-        return self.image_emb.shape[-1]
-
-    def targets(self, items: torch.Tensor) -> torch.Tensor:
-        """Teacher image embeddings (float32) of flat items ``row * n_views + view``."""
-        return self.image_emb.flatten(0, 1)[items].float()

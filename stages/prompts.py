@@ -25,6 +25,15 @@ TEMPLATE_SETS = {
 }
 
 
+# RISE's relative-distance anchors where domain names do not describe a style.
+GENERIC_ANCHORS = ("bright photo", "corrupted photo", "dark photo", "good photo")
+
+
+def anchor_prompts(anchor: str, classes: list) -> list:
+    """"a {anchor} of a {class}." for every class, e.g. "a sketch of a dog."."""
+    return [f"a {class_prompt_name(anchor)} of a {class_prompt_name(c)}." for c in classes]
+
+
 def class_prompt_name(folder_name: str) -> str:
     """Folder names such as ``tv_monitor`` read as ``tv monitor`` in prompts."""
     return folder_name.replace("_", " ").strip()

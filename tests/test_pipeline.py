@@ -52,29 +52,61 @@ def test_other_teacher_is_refused_and_cache_kept(run_copy, tmp_path, dataset):
     assert sha256_file(store) == digest
 
 
-def test_align_distill_evaluate_without_the_teacher(run_copy, teacher_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["adip", "erm", "kd", "rise", "probe"])
+def test_methods_train_and_evaluate_without_the_teacher(method, run_copy, teacher_dir, tmp_path, monkeypatch):
     import open_clip
     hidden = tmp_path / "hidden"
     shutil.move(str(teacher_dir), hidden)  # the teacher's checkpoint is gone
-    monkeypatch.setattr(open_clip, "create_model_and_transforms",
-                        lambda *a, **k: pytest.fail("a stage after extract loaded the teacher"))
+    for name in ("create_model_and_transforms", "create_model"):
+        monkeypatch.setattr(open_clip, name, lambda *a, **k: pytest.fail(f"{method} loaded the teacher"))
+    student = ("--student", "test_resnet", "--student-weights", "none", "--student-size", 32)
     try:
-        result = invoke("align", "--run", run_copy, "--holdout", "sketch", *ALIGN)
+        if method == "adip":
+            result = invoke("align", "--run", run_copy, "--holdout", "sketch", *ALIGN)
+            assert result.exit_code == 0, result.output
+            student = ()
+        result = invoke("distill", "--run", run_copy, "--method", method, "--holdout", "sketch", *student, *DISTILL)
         assert result.exit_code == 0, result.output
-        result = invoke("distill", "--run", run_copy, "--method", "adip", "--holdout", "sketch", *DISTILL)
-        assert result.exit_code == 0, result.output
-        result = invoke("evaluate", "--run", run_copy, "--method", "adip", "--holdout", "sketch", "--workers", 0)
-        assert result.exit_code == 0, result.output
+        models = ["best", "swad"] if method == "adip" else ["best"]
+        for model in models:
+            result = invoke("evaluate", "--run", run_copy, "--method", method, "--holdout", "sketch",
+                            "--model", model, "--workers", 0)
+            assert result.exit_code == 0, result.output
     finally:
         shutil.move(str(hidden), teacher_dir)
-    lines = (run_copy / "results.jsonl").read_text().splitlines()
-    record = json.loads(lines[-1])
-    assert record["method"] == "adip" and record["holdout"] == "sketch" and record["seed"] == 0
+    records = [json.loads(line) for line in (run_copy / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["model"]) for r in records] == [(method, m) for m in models]
+    record = records[0]
+    assert record["holdout"] == "sketch" and record["seed"] == 0
     assert set(record["accuracy"]) == {"cartoon", "photo", "pixel", "sketch"}
     assert record["split"]["sketch"] == "train" and record["split"]["photo"] == "val"
     assert record["images"]["sketch"] == 16 and record["images"]["photo"] == 4
     assert 0.0 <= record["holdout_acc"] <= 1.0
-    assert (run_copy / "distill" / "adip" / "test_resnet_none_32px" / "sketch" / "seed0" / "model.safetensors").exists()
+    key = "teacher" if method == "probe" else "test_resnet_none_32px"
+    for model in models:
+        assert (run_copy / "distill" / method / key / "sketch" / "seed0" / f"{model}.safetensors").exists()
+
+
+def test_sd_starts_from_the_teachers_own_image_tower(run_copy, teacher_dir, monkeypatch):
+    import open_clip
+    from safetensors.torch import load_file
+    calls = []
+    real = open_clip.create_model_and_transforms
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: calls.append(a) or real(*a, **k))
+    result = invoke("distill", "--run", run_copy, "--method", "sd", "--holdout", "photo", "--no-swad",
+                    "--lr", "0", *DISTILL)
+    assert result.exit_code == 0, result.output
+    assert calls and calls[0][0] == f"local-dir:{teacher_dir}"
+    trained = load_file(run_copy / "distill" / "sd" / "teacher-image-tower" / "photo" / "seed0" / "best.safetensors")
+    teacher = load_file(teacher_dir / "open_clip_model.safetensors")
+    tower = {k[len("visual."):]: v for k, v in teacher.items() if k.startswith("visual.")}
+    assert tower  # lr 0: the student is still exactly the teacher's image tower
+    assert all(torch.equal(trained["backbone." + k], v) for k, v in tower.items())
+    result = invoke("evaluate", "--run", run_copy, "--method", "sd", "--holdout", "photo", "--workers", 0)
+    assert result.exit_code == 0, result.output
+    zeroshot = invoke("evaluate", "--run", run_copy, "--method", "zeroshot", "--holdout", "photo")
+    # the untrained tower reproduces the cached teacher's zero-shot accuracy, up to float16 rounding
+    assert json.loads(result.output)["holdout_acc"] == pytest.approx(json.loads(zeroshot.output)["holdout_acc"], abs=0.07)
 
 
 def test_stages_skip_when_fresh_and_recompute_when_stale(run_copy):
@@ -128,6 +160,10 @@ def test_changed_dataset_is_refused_until_forced(run_copy, teacher_dir, dataset,
     (("align", "--run", "{run}", "--holdout", "photo", "--steps", "-3"), "must be a positive integer"),
     (("distill", "--run", "{run}", "--holdout", "photo", "--method", "magic"), "unknown method"),
     (("distill", "--run", "{run}", "--holdout", "photo"), "no finished alignment"),
+    (("distill", "--run", "{run}", "--holdout", "photo", "--method", "erm", "--cutmix", "2"), "--cutmix is a probability"),
+    (("evaluate", "--run", "{run}", "--holdout", "photo", "--method", "kd"), "no trained kd model"),
+    (("run", "--run", "{run}", "--methods", "adip,nope"), "unknown method(s) nope"),
+    (("run", "--run", "{run}", "--seeds", "a,b"), "--seeds must be comma-separated integers"),
     (("evaluate", "--run", "{tmp}/nothing", "--holdout", "photo"), "no extracted cache"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, message, tmp_path, run_copy, dataset):
@@ -145,21 +181,24 @@ def test_run_prints_and_saves_the_table(tmp_path, teacher_dir, dataset):
     result = invoke("run", "--data", dataset, "--run", run, "--teacher", f"local-dir:{teacher_dir}",
                     "--pretrained", "none", "--student", "test_resnet", "--student-weights", "none",
                     "--student-size", 32, "--views", 2, "--steps", 2, "--align-steps", 10,
-                    "--per-domain", 2, "--holdouts", "photo,sketch", "--workers", 0)
+                    "--per-domain", 2, "--holdouts", "photo,sketch", "--workers", 0, "--methods", "zeroshot,adip")
     assert result.exit_code == 0, result.output
     table = (run / "table.md").read_text()
     assert table in result.output
     assert table.splitlines()[0] == "| method | photo | sketch | average |"
-    assert {line.split("|")[1].strip() for line in table.splitlines()[2:]} == {"zeroshot", "adip"}
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert rows == ["zeroshot", "adip", "adip +SWAD"]
+    assert "official online-teacher code would use" in table
     results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["method"], r["holdout"]) for r in results) == [
-        ("adip", "photo"), ("adip", "sketch"), ("zeroshot", "photo"), ("zeroshot", "sketch")]
+    assert sorted((r["method"], r["model"], r["holdout"]) for r in results) == [
+        ("adip", "best", "photo"), ("adip", "best", "sketch"), ("adip", "swad", "photo"),
+        ("adip", "swad", "sketch"), ("zeroshot", "cache", "photo"), ("zeroshot", "cache", "sketch")]
     again = invoke("run", "--data", dataset, "--run", run, "--teacher", f"local-dir:{teacher_dir}",
                    "--pretrained", "none", "--student", "test_resnet", "--student-weights", "none",
                    "--student-size", 32, "--views", 2, "--steps", 2, "--align-steps", 10,
-                   "--per-domain", 2, "--holdouts", "photo,sketch", "--workers", 0)
+                   "--per-domain", 2, "--holdouts", "photo,sketch", "--workers", 0, "--methods", "zeroshot,adip")
     assert again.exit_code == 0 and again.output.count("up to date") >= 5
-    assert len((run / "results.jsonl").read_text().splitlines()) == 4  # nothing re-evaluated
+    assert len((run / "results.jsonl").read_text().splitlines()) == 6  # nothing re-evaluated
 
 
 def test_zeroshot_matches_cached_embeddings(run_copy):

@@ -1,0 +1,125 @@
+"""SWAD: dense stochastic weight averaging over the loss valley (Cha et al., NeurIPS 2021).
+
+The weights are averaged over every step of a segment (the steps between two validations);
+the loss-valley rule then picks which segments enter the final average, from the source
+validation loss: averaging starts when the loss stops falling (the first of ``n_converge``
+segments is their minimum) and ends when the loss rises above ``(1 + tolerance_ratio)`` times
+the converged level for ``n_tolerance`` segments. A port of the official ``LossValley``.
+"""
+from collections import deque
+
+import torch
+
+
+class RunningAverage:
+    """Mean of floating-point tensors of a series of state dicts; others keep the last value."""
+
+    def __init__(self, start: dict | None = None):
+        """``start`` (optional) is returned until the first ``add``, which replaces it, as
+        torch's AveragedModel does with the model it wraps."""
+        self.count, self.state = 0, None
+        if start is not None:
+            self.state = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                          for k, v in start.items()}
+
+    def add(self, state: dict, weight: int = 1) -> None:
+        if self.state is None:
+            self.state = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                          for k, v in state.items()}
+            self.count = weight
+            return
+        self.count += weight
+        for k, v in state.items():
+            if v.is_floating_point():
+                self.state[k] += (v.detach().float() - self.state[k]) * (weight / self.count)
+            else:
+                self.state[k] = v.detach().clone()
+
+
+class Segment:
+    def __init__(self, state: dict, val_loss: float, start_step: int, end_step: int):
+        self.state, self.val_loss, self.start_step, self.end_step = state, val_loss, start_step, end_step
+
+
+class LossValley:
+    def __init__(self, n_converge: int = 3, n_tolerance: int = 6, tolerance_ratio: float = 0.3):
+        self.n_converge, self.n_tolerance, self.tolerance_ratio = n_converge, n_tolerance, tolerance_ratio
+        self.converge_q, self.smooth_q = deque(maxlen=n_converge), deque(maxlen=n_tolerance)
+        self.final = None            # RunningAverage of the chosen segments
+        self.converge_step = None
+        self.threshold = None
+        self.dead_valley = False
+        self.segments_used = []      # (start_step, end_step) of every averaged segment
+
+    @property
+    def converged(self) -> bool:
+        return self.converge_step is not None
+
+    def _add(self, segment: Segment) -> None:
+        self.final.add(segment.state)
+        self.segments_used.append((segment.start_step, segment.end_step))
+
+    def _smooth_loss(self, start: int) -> float:
+        return min(s.val_loss for s in list(self.smooth_q)[start:])
+
+    def update(self, segment: Segment) -> None:
+        """Feed one finished segment (its averaged weights and validation loss)."""
+        if self.dead_valley:
+            return
+        self.converge_q.append(segment)
+        self.smooth_q.append(segment)
+        if not self.converged:
+            if len(self.converge_q) < self.n_converge:
+                return
+            losses = [s.val_loss for s in self.converge_q]
+            if min(range(len(losses)), key=losses.__getitem__) != 0:
+                return
+            self.converge_step = self.converge_q[0].end_step
+            self.final = RunningAverage(start=self.converge_q[0].state)
+            self.threshold = sum(losses) / len(losses) * (1.0 + self.tolerance_ratio)
+            if self.n_tolerance < self.n_converge:
+                for s in list(self.converge_q)[1:1 + self.n_converge - self.n_tolerance]:
+                    self._add(s)
+            elif self.n_tolerance > self.n_converge:
+                queue = list(self.smooth_q)[:self.n_tolerance - self.n_converge + 1]
+                start = 0
+                for i in reversed(range(len(queue))):
+                    if queue[i].val_loss > self.threshold:
+                        start = i + 1
+                        break
+                for s in queue[start + 1:]:
+                    self._add(s)
+            return
+        if self.smooth_q[0].end_step < self.converge_step:
+            return
+        if self._smooth_loss(0) > self.threshold:
+            self.dead_valley = True
+            return
+        self._add(self.smooth_q[0])
+
+    def final_state(self) -> dict | None:
+        """The averaged weights; the last segment's if the loss never converged."""
+        if not self.converged:
+            return self.converge_q[-1].state if self.converge_q else None
+        if not self.dead_valley:
+            self.smooth_q.popleft()
+            while self.smooth_q and self._smooth_loss(0) <= self.threshold:
+                self._add(self.smooth_q.popleft())
+        return self.final.state
+
+
+@torch.no_grad()
+def update_batchnorm(model: torch.nn.Module, batches) -> None:
+    """Recompute BatchNorm running statistics of averaged weights on training batches."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the given batches
+    model.train()
+    for images in batches:
+        model(images)
+    for m in norms:
+        m.momentum = momenta[m]
