@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
 DOMAINS = ("cartoon", "photo", "pixel", "sketch")
+# Styles only the demo teacher's pre-training sees, like the breadth of web images.
+EXTRA_STYLES = ("painting", "neon")
 
 
 def shape_points(name: str, cx: float, cy: float, r: float, angle: float) -> list:
@@ -70,6 +72,19 @@ def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72) -> I
         image = Image.new("RGB", (small, small), tuple(int(c) for c in rng.integers(0, 80, size=3)))
         ImageDraw.Draw(image).polygon([(x * scale, y * scale) for x, y in points], fill=colour)
         return image.resize((size, size), Image.NEAREST)
+    if domain == "painting":  # soft brushy colour fields, no outline
+        background = tuple(int(c) for c in rng.integers(90, 230, size=3))
+        image = Image.new("RGB", (size, size), background)
+        ImageDraw.Draw(image).polygon(points, fill=colour)
+        pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(2.0)), np.float32)
+        strokes = rng.normal(0, 9, size=(size // 4 + 1, size // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:size, :size]
+        return Image.fromarray(np.clip(pixels + strokes, 0, 255).astype(np.uint8), "RGB")
+    if domain == "neon":  # glowing coloured outline on black
+        image = Image.new("RGB", (size, size), (0, 0, 0))
+        glow = tuple(int(c) for c in rng.integers(120, 256, size=3))
+        ImageDraw.Draw(image).line(points + points[:1], fill=glow, width=3)
+        halo = image.filter(ImageFilter.GaussianBlur(2))
+        return Image.fromarray(np.maximum(np.asarray(image), np.asarray(halo)), "RGB")
     raise ValueError(f"unknown domain {domain}")
 
 

@@ -5,7 +5,7 @@ split into train/val by ranking its images on a seeded hash of their path: the s
 only on the seed and the file names, never on listing order or the machine.
 """
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -82,6 +82,9 @@ class ImageIndex:
     @classmethod
     def from_columns(cls, columns: dict, metadata: dict) -> "ImageIndex":
         domains, classes = metadata["domains"], metadata["classes"]
+        for path in columns["path"]:
+            if PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts:
+                raise UserError(f"index path '{path}' points outside the dataset root; the index is not trusted")
         return cls(
             root=Path(metadata["root"]), domains=domains, classes=classes,
             paths=columns["path"],

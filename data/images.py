@@ -3,7 +3,10 @@
 Both go through ``load_image`` and ``views.render``, so the student sees exactly the pixels
 whose teacher embedding is cached.
 """
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +22,32 @@ class BadImage(Exception):
     """An image that cannot be used; the message is the reason recorded in the index."""
 
 
-def load_image(path) -> Image.Image:
+DECODE_SECONDS = 30.0  # a file that takes longer to decode is skipped, never hangs the run
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise BadImage if the block runs longer than ``seconds`` (main thread of a process only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BadImage(f"decoding took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def load_image(path, timeout: float = DECODE_SECONDS) -> Image.Image:
     """Decode any supported image to 8-bit RGB, or raise BadImage with a reason."""
     try:
-        with warnings.catch_warnings():
+        with time_limit(timeout), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
@@ -31,6 +56,8 @@ def load_image(path) -> Image.Image:
         raise BadImage(f"too large: {e}") from None
     except Image.DecompressionBombWarning as e:
         raise BadImage(f"too large: {e}") from None
+    except PermissionError as e:
+        raise BadImage(f"cannot read: {e.strerror}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"cannot decode: {e}") from None
 
@@ -50,13 +77,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 class ExtractionImages(torch.utils.data.Dataset):
     """Row -> (row, all K views preprocessed for the teacher, their parameters, error)."""
 
-    def __init__(self, root, paths, rows, n_views: int, view_seed: int, spec: views.InputSpec,
+    def __init__(self, root, paths, n_views: int, view_seed: int, spec: views.InputSpec,
                  augment: views.Augment = views.Augment()):
-        self.root, self.paths, self.rows = Path(root), paths, list(rows)
+        self.root, self.paths = Path(root), paths
         self.n_views, self.view_seed, self.spec, self.augment = n_views, view_seed, spec, augment
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.paths)
 
     def views(self, row: int) -> tuple[list, np.ndarray]:
         """The rendered views (PIL, source resolution) of one image and their parameters."""
@@ -65,8 +92,7 @@ class ExtractionImages(torch.utils.data.Dataset):
                                     self.n_views, self.view_seed, self.augment)
         return [views.render(image, p) for p in params], params
 
-    def __getitem__(self, i):
-        row = self.rows[i]
+    def __getitem__(self, row):
         try:
             rendered, params = self.views(row)
             pixels = torch.stack([self.spec(v) for v in rendered])

@@ -1,4 +1,5 @@
 """The ``pipeline`` command: extract, align, distill, evaluate, run, info."""
+import errno
 import json
 import os
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline import config, jobs
+from pipeline.errors import UserError
 from pipeline.runfolder import RunFolder
 
 HELD_OUT = click.option("--holdout", required=True, help="The domain left out of training (evaluated as unseen).")
@@ -20,7 +22,20 @@ PER_DOMAIN = click.option("--per-domain", default=config.ADIP["per_domain"], sho
                           help="Images per source domain in each step.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """Turns environment failures (disk full, read-only or unwritable folder) into one line, exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT):
+                raise UserError(f"{e.strerror}: {e.filename or ''}; what was already written is kept "
+                                f"(re-run the same command to continue)")
+            raise
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="clip-distill-pipeline")
 def main():
     """Distil a CLIP teacher into a small student for domain generalisation, from cached

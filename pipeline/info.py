@@ -24,6 +24,8 @@ def describe(run) -> dict:
         report["dataset"] = {"root": str(index.root), "domains": index.domains, "classes": index.classes,
                              "images": len(index), "skipped": len(skipped),
                              "per_domain": {d: int((index.domain == i).sum()) for i, d in enumerate(index.domains)}}
+    extract = manifest.load(run.extract)
+    report["teacher_image_forwards"] = extract["summary"].get("teacher_image_forwards") if extract else 0
     for path in sorted(run.root.rglob(manifest.MANIFEST)):
         stage_dir = path.parent
         recorded = manifest.load(stage_dir)
@@ -52,6 +54,8 @@ def render(report: dict) -> str:
                      f"'{c['template_set']}' ({len(c['templates'])})")
         lines.append(f"format:     version {c['format_version']}; " + ", ".join(
             f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in c["datasets"].items()))
+        lines.append(f"teacher image forwards: {report['teacher_image_forwards']:,} (extraction; no stage after it "
+                     f"runs the teacher)")
     else:
         lines.append("teacher:    nothing extracted yet")
     lines.append("stages:")

@@ -79,12 +79,13 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
     model = OpenClipTeacher(teacher, pretrained, device="cuda" if torch.cuda.is_available() else "cpu")
     if not model.has_weights:
         say(f"warning: teacher {teacher} has no weights: using a random initialisation")
-    wanted = extract_stage.store_attrs(model, index, templates, template_set, views, view_seed, augment)
+    wanted = extract_stage.store_attrs(model, index, templates, template_set, views, view_seed, augment, batch_size)
     if run.teacher_store.exists() and not force:
         existing = store.read_attrs(run.teacher_store)
         differs = extract_stage.mismatches(existing, wanted)
         if differs:
-            detail = "; ".join(f"{k}: cached {_short(existing.get(k))}, now {_short(wanted.get(k))}" for k in differs)
+            detail = "; ".join(_dataset_change(run, index) if k == "dataset_fingerprint" else
+                               f"{k}: cached {_short(existing.get(k))}, now {_short(wanted.get(k))}" for k in differs)
             raise UserError(f"{run.root} holds a cache made with a different {', '.join(differs)} ({detail}); "
                             f"use --force to rebuild it, or a new --run folder")
         say(f"extract: resuming the cache in {run.extract}")
@@ -93,9 +94,13 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
     run.extract.mkdir(parents=True, exist_ok=True)
     say(f"extract: {len(index)} images in {len(index.domains)} domains, {len(index.classes)} classes; "
         f"{views} views each; teacher {teacher}")
-    summary = extract_stage.extract(index, model, run.teacher_store, templates=templates,
-                                    template_set=template_set, n_views=views, view_seed=view_seed,
-                                    augment=augment, batch_size=batch_size, workers=workers)
+    try:
+        summary = extract_stage.extract(index, model, run.teacher_store, templates=templates,
+                                        template_set=template_set, n_views=views, view_seed=view_seed,
+                                        augment=augment, batch_size=batch_size, workers=workers)
+    except extract_stage.Interrupted as stop:
+        say(str(stop))
+        raise SystemExit(130)
     status = store.read(run.teacher_store, "status")
     summary["teacher_image_forwards"] = int((status == store.DONE).sum()) * views
     reasons = extract_stage.skipped_reasons(run.teacher_store)
@@ -109,6 +114,18 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
     say(f"extract: done in {summary['seconds']} s{rate}; {summary['ok']} images cached")
     if summary["skipped"]:
         say(f"extract: skipped {summary['skipped']} unreadable images; list in {run.extract / 'skipped.jsonl'}")
+
+
+def _dataset_change(run: RunFolder, index) -> str:
+    """What changed in the dataset since the cached index: added, removed, modified files."""
+    if not run.index_path.exists():
+        return "the dataset changed"
+    cached = run.load_index()
+    before = {p: (s, m) for p, s, m in zip(cached.paths, cached.size.tolist(), cached.mtime_ns.tolist())}
+    now = {p: (s, m) for p, s, m in zip(index.paths, index.size.tolist(), index.mtime_ns.tolist())}
+    added, removed = len(now.keys() - before.keys()), len(before.keys() - now.keys())
+    changed = sum(1 for p in now.keys() & before.keys() if now[p] != before[p])
+    return f"dataset: {added} images added, {removed} removed, {changed} modified since extraction"
 
 
 def _short(value) -> str:

@@ -17,6 +17,8 @@ re-running after an interruption continues with the pending rows. Skipped images
 reasons are appended to ``skipped.jsonl`` beside the store.
 """
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -37,12 +39,12 @@ IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "te
 
 
 def store_attrs(teacher, index, templates: tuple, template_set: str, n_views: int,
-                view_seed: int, augment: Augment) -> dict:
+                view_seed: int, augment: Augment, batch_size: int) -> dict:
     return {**teacher.identity, "template_set": template_set, "templates": list(templates),
             "views": n_views, "view_seed": view_seed, "augment": augment.to_dict(),
             "dataset_fingerprint": index.fingerprint, "classes": index.classes,
             "domains": index.domains, "images": len(index), "param_names": list(PARAM_NAMES),
-            "anchor_names": index.domains + list(GENERIC_ANCHORS),
+            "anchor_names": index.domains + list(GENERIC_ANCHORS), "batch_size": batch_size,
             "format_version": store.FORMAT_VERSION}
 
 
@@ -74,7 +76,7 @@ def extract(index, teacher, store_path, *, templates: tuple, template_set: str, 
     store_path = Path(store_path)
     skipped_path = store_path.with_name("skipped.jsonl")
     if not store_path.exists():
-        attrs = store_attrs(teacher, index, templates, template_set, n_views, view_seed, augment)
+        attrs = store_attrs(teacher, index, templates, template_set, n_views, view_seed, augment, batch_size)
         texts = {"text_emb": encode_class_texts(teacher, index.classes, templates),
                  "rise_text_emb": encode_class_texts(teacher, index.classes, TEMPLATE_SETS["rise7"]),
                  "anchor_emb": encode_anchors(teacher, index.classes, attrs["anchor_names"])}
@@ -92,26 +94,39 @@ def extract(index, teacher, store_path, *, templates: tuple, template_set: str, 
                 f[name][...] = t.numpy().astype(np.float16)
         skipped_path.unlink(missing_ok=True)
 
-    pending = np.flatnonzero(store.read(store_path, "status") == store.PENDING)
+    # Batches are fixed blocks of rows, so a resumed run feeds the teacher exactly the batches an
+    # uninterrupted run would (same numerics, same bytes). A block is redone if any row is pending.
+    block = int(store.read_attrs(store_path)["batch_size"])
+    status = store.read(store_path, "status")
+    blocks = [list(range(start, min(start + block, len(index))))
+              for start in range(0, len(index), block) if (status[start:start + block] == store.PENDING).any()]
     started, done_now = time.time(), 0
-    if len(pending):
-        dataset = ExtractionImages(index.root, index.paths, pending, n_views, view_seed,
-                                   teacher.input_spec, augment)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                             collate_fn=_collate, pin_memory=torch.cuda.is_available())
+    if blocks:
+        dataset = ExtractionImages(index.root, index.paths, n_views, view_seed, teacher.input_spec, augment)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=blocks, num_workers=workers,
+                                             collate_fn=_collate, pin_memory=torch.cuda.is_available(),
+                                             worker_init_fn=_ignore_sigint)
         batches = iter(loader)  # workers fork here, before the HDF5 file is opened
-        with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, \
-                progress(total=len(pending), desc="extract", unit="img") as bar:
+        with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, StopFlag() as stop, \
+                progress(total=sum(map(len, blocks)), desc="extract", unit="img") as bar:
             for rows, pixels, params, errors in batches:
                 embeddings = teacher.encode_images(pixels.flatten(0, 1)).reshape(len(rows), n_views, -1)
-                status = np.where([e == "" for e in errors], store.DONE, store.FAILED).astype(np.uint8)
-                _write_rows(f, rows, embeddings.numpy().astype(np.float16), params.numpy(), status)
+                ok = np.where([e == "" for e in errors], store.DONE, store.FAILED).astype(np.uint8)
+                where = slice(int(rows[0]), int(rows[-1]) + 1)
+                f["image_emb"][where] = embeddings.numpy().astype(np.float16)
+                f["view_params"][where] = params.numpy()
+                f.flush()  # a row is marked done only once its embeddings are on disk
+                f["status"][where] = ok
+                f.flush()
                 for row, error in zip(rows, errors):
                     if error:
                         skipped.write(json.dumps({"path": index.paths[row], "reason": error}) + "\n")
                 skipped.flush()
                 done_now += len(rows)
                 bar.update(len(rows))
+                if stop.requested:
+                    raise Interrupted(f"extract: interrupted; {int((store.read(store_path, 'status') != 0).sum())} "
+                                      f"of {len(index)} images are cached; run the same command again to resume")
     seconds = time.time() - started
     final_status = store.read(store_path, "status")
     return {"images": len(index), "extracted_now": done_now, "seconds": round(seconds, 2),
@@ -120,22 +135,31 @@ def extract(index, teacher, store_path, *, templates: tuple, template_set: str, 
             "skipped": int((final_status == store.FAILED).sum())}
 
 
-def _write_rows(f: h5py.File, rows: np.ndarray, embeddings, params, status) -> None:
-    """Embeddings and parameters first, status last: a row marked done is complete on disk."""
-    if rows[-1] - rows[0] == len(rows) - 1:  # contiguous: one large write per dataset
-        where = slice(int(rows[0]), int(rows[-1]) + 1)
-        f["image_emb"][where] = embeddings
-        f["view_params"][where] = params
-        f.flush()
-        f["status"][where] = status
-    else:
-        for i, row in enumerate(rows):
-            f["image_emb"][row] = embeddings[i]
-            f["view_params"][row] = params[i]
-        f.flush()
-        for i, row in enumerate(rows):
-            f["status"][row] = status[i]
-    f.flush()
+class Interrupted(Exception):
+    """SIGINT: stopped cleanly after the current batch; everything written so far is kept."""
+
+
+class StopFlag:
+    """While active, SIGINT only sets ``requested``; the loop stops at the next batch boundary."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
 
 def _collate(items):

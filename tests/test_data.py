@@ -102,7 +102,7 @@ def test_extraction_views_replay_pixel_identical_through_float32_store(replay_da
     index, spec, n_views, view_seed = replay_dataset, teacher_spec(), 12, 7
     n = len(index)
     assert n == 6
-    extraction = ExtractionImages(index.root, index.paths, range(n), n_views, view_seed, spec)
+    extraction = ExtractionImages(index.root, index.paths, n_views, view_seed, spec)
 
     rendered, teacher_pixels = {}, {}
     store_path = tmp_path / "teacher.h5"
@@ -145,17 +145,17 @@ def test_extraction_views_replay_pixel_identical_through_float32_store(replay_da
         assert not np.array_equal(np.asarray(rendered[row][1]), np.asarray(rendered[row][2]))
 
 
-def test_extraction_rows_subset_and_other_spec(replay_dataset):
-    """Item i of ExtractionImages is rows[i]; a student spec sees the same view pixels."""
+def test_extraction_rows_and_other_spec(replay_dataset):
+    """Item ``row`` of ExtractionImages is that row; a student spec sees the same view pixels."""
     index = replay_dataset
     rows = [4, 1, 3]
-    extraction = ExtractionImages(index.root, index.paths, rows, 3, 0, teacher_spec())
-    assert len(extraction) == 3
+    extraction = ExtractionImages(index.root, index.paths, 3, 0, teacher_spec())
+    assert len(extraction) == len(index.paths)
     params_all = np.stack([sample_views(p, *load_image(index.root / p).size, 3, 0) for p in index.paths])
     student = InputSpec(size=40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
     replay = ReplayImages(index.root, index.paths, params_all, student)
-    for i, row in enumerate(rows):
-        got_row, _, params, error = extraction[i]
+    for row in rows:
+        got_row, _, params, error = extraction[row]
         assert got_row == row and error == ""
         np.testing.assert_array_equal(params.numpy(), params_all[row])
         pil_views, _ = extraction.views(row)
@@ -169,7 +169,7 @@ def test_extraction_bad_image_gives_zeros_and_reason(tmp_path):
     bad = root / "d/c/bad.png"
     bad.write_bytes(b"this is not a png")
     spec = InputSpec(size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    extraction = ExtractionImages(root, ["d/c/bad.png", "d/c/good.png"], [0, 1], 4, 0, spec)
+    extraction = ExtractionImages(root, ["d/c/bad.png", "d/c/good.png"], 4, 0, spec)
     row, pixels, params, error = extraction[0]
     assert row == 0
     assert error.startswith("cannot decode")

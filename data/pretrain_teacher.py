@@ -1,0 +1,112 @@
+"""Pre-train the demo teacher: a tiny open_clip model trained contrastively on captioned shapes.
+
+The analogue of web-scale CLIP pre-training for the built-in demo: captions such as "a sketch of
+a triangle." over every demo style plus styles the demo dataset never shows, so the teacher
+generalises across styles the way CLIP does across domains. Images are drawn with seeds
+disjoint from the demo dataset's. Reproduce the shipped checkpoint with
+
+    python -m data.pretrain_teacher
+
+which writes ``data/demo_teacher/open_clip_model.safetensors`` (float16) in a few minutes on a CPU.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import demo
+
+FOLDER = Path(__file__).parent / "demo_teacher"
+STYLES = demo.DOMAINS + demo.EXTRA_STYLES
+SEED = 1234
+
+
+def caption(style: str, shape: str, rng: np.random.Generator) -> tuple:
+    """A caption and the style it names (None: "a {shape}." fits every style)."""
+    if rng.random() < 0.7:
+        return f"a {style} of a {shape}.", style
+    return f"a {shape}.", None
+
+
+def make_pool(per_pair: int, size: int, seed: int):
+    """Images [N, 3, size, size] in [0, 1] and their (style, shape) pairs."""
+    images, pairs = [], []
+    for s, style in enumerate(STYLES):
+        for c, shape in enumerate(demo.CLASSES):
+            rng = np.random.default_rng([seed, s, c])
+            for _ in range(per_pair):
+                image = demo.draw(shape, style, rng, size=int(rng.integers(64, 89))).resize((size, size))
+                images.append(np.asarray(image, np.float32) / 255.0)
+                pairs.append((style, shape))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), pairs
+
+
+def random_crop(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One random resized crop (scale 0.6-1) and flip for the whole batch: cheap augmentation."""
+    size = batch.shape[-1]
+    side = int(size * np.sqrt(rng.uniform(0.6, 1.0)))
+    y, x = rng.integers(0, size - side + 1, size=2)
+    out = F.interpolate(batch[:, :, y:y + side, x:x + side], size=(size, size), mode="bilinear",
+                        align_corners=False)
+    return out.flip(-1) if rng.random() < 0.5 else out
+
+
+def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEED) -> Path:
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    name = f"local-dir:{FOLDER}"
+    for old in FOLDER.glob("*.safetensors"):
+        old.unlink()  # start from random weights, not from the previous checkpoint
+    model = open_clip.create_model(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    cfg = model.visual.preprocess_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    images, pairs = make_pool(per_pair, cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0], seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    started = time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        chosen = rng.choice(len(pairs), batch_size, replace=False)
+        pixels = (random_crop(images[chosen], rng) - mean) / std
+        captions = [caption(*pairs[i], rng) for i in chosen]
+        tokens = tokenizer([text for text, _ in captions])
+        image_features, text_features, logit_scale = model(pixels, tokens)[:3]
+        logits = logit_scale * image_features @ text_features.T
+        # captions repeat within a batch: image i and caption j match when the caption describes
+        # the image (same shape, and same style if it names one)
+        match = torch.tensor([[pairs[i][1] == pairs[j][1] and captions[b][1] in (None, pairs[i][0])
+                               for b, j in enumerate(chosen)] for i in chosen], dtype=torch.float32)
+        image_loss = -(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        text_loss = -(match.T / match.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+        loss = (image_loss + text_loss) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps:
+            print(f"step {step}/{steps} loss {loss.item():.3f} ({time.time() - started:.0f} s)", flush=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    path = FOLDER / "open_clip_model.safetensors"
+    save_file(state, path)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=192)
+    parser.add_argument("--per-pair", type=int, default=120, help="images per (style, shape)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    args = parser.parse_args()
+    print(f"wrote {train(args.steps, args.batch_size, args.per_pair, args.lr)}")
+
+
+if __name__ == "__main__":
+    main()
