@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache import store
+from cache.fingerprint import sha256_json
 from cache.teacher_store import TeacherCache
 from cache.index import write_table
 from data import domainbed
@@ -92,6 +93,7 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
     elif force and run.extract.exists():
         shutil.rmtree(run.extract)
     run.extract.mkdir(parents=True, exist_ok=True)
+    manifest.invalidate(run.extract)
     say(f"extract: {len(index)} images in {len(index.domains)} domains, {len(index.classes)} classes; "
         f"{views} views each; teacher {teacher}")
     try:
@@ -147,6 +149,7 @@ def align(run: RunFolder, *, student: str, student_weights: str, student_size, h
     features_config = {"student": student, "student_weights": student_weights, "student_size": student_size}
     reason = manifest.why_stale(features_dir, features_config, teacher_input)
     if reason is not None or force:
+        manifest.invalidate(features_dir)
         backbone, spec = create_backbone(student, student_weights, student_size)
         features_dir.mkdir(parents=True, exist_ok=True)
         view_params = store.read(run.teacher_store, "view_params")
@@ -165,6 +168,7 @@ def align(run: RunFolder, *, student: str, student_weights: str, student_size, h
     if manifest.why_stale(out, config, inputs) is None and not force:
         say(f"align: up to date for held-out '{holdout}' ({key}); --force recomputes")
         return key
+    manifest.invalidate(out)
     cache = TeacherCache(run.teacher_store)
     features = torch.from_numpy(store.read(features_path, "features"))
     labels = torch.as_tensor(index.label)
@@ -255,6 +259,7 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
     if manifest.why_stale(out, config, inputs) is None and not force:
         say(f"distill: {method} up to date for held-out '{holdout}' ({key}, seed {seed}); --force recomputes")
         return key
+    manifest.invalidate(out)
     cache = TeacherCache(run.teacher_store)
     train_rows = [index.rows([d], domainbed.TRAIN) for d in sources]
     val_rows = index.rows(sources, domainbed.VAL)
@@ -274,10 +279,18 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
         say(f"distill: {method}, {info['student']} on {', '.join(sources)} -> held-out '{holdout}', "
             f"{steps} steps of {per_domain} images per domain{', SWAD' if use_swad else ''}"
             f"{f', CutMix p={cutmix}' if cutmix else ''}")
-        states, log = distill_stage.distill(trainer, dataset, cache, index.label, train_rows, val_rows,
-                                            steps=steps, per_domain=per_domain, seed=seed,
-                                            eval_every=eval_every, workers=workers, cutmix_p=cutmix,
-                                            swad=use_swad)
+        out.mkdir(parents=True, exist_ok=True)
+        resume = out / "resume.pt"
+        if force:
+            resume.unlink(missing_ok=True)
+        try:
+            states, log = distill_stage.distill(
+                trainer, dataset, cache, index.label, train_rows, val_rows, steps=steps, per_domain=per_domain,
+                seed=seed, eval_every=eval_every, workers=workers, cutmix_p=cutmix, swad=use_swad,
+                resume_path=resume, resume_key=sha256_json({"config": config, "inputs": inputs}))
+        except extract_stage.Interrupted as stop:
+            say(str(stop))
+            raise SystemExit(130)
         outputs = [f"{name}.safetensors" for name in states]
     out.mkdir(parents=True, exist_ok=True)
     for name, state in states.items():
@@ -286,6 +299,7 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
     _write_jsonl(out / "log.jsonl", log)
     summary = {**log[-1], "seconds": round(time.time() - started, 1)}
     manifest.write(out, config, inputs, outputs + ["config.json"], summary)
+    (out / "resume.pt").unlink(missing_ok=True)
     say(f"distill: {method} held-out '{holdout}': best source-val accuracy {summary['best_source_val_acc']:.3f} "
         f"at step {summary['best_step']} ({summary['seconds']} s)")
     return key
@@ -317,6 +331,7 @@ def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None =
     out = run.evaluate(label, key, holdout, seed)
     if manifest.why_stale(out, {}, inputs) is None and not force:
         return json.loads((out / "metrics.json").read_text())
+    manifest.invalidate(out)
     cache = TeacherCache(run.teacher_store)
     if method == "zeroshot":
         metrics = evaluate_stage.evaluate_cached(

@@ -46,6 +46,11 @@ def write(stage_dir, config: dict, inputs: dict, outputs: list, summary: dict | 
     return manifest
 
 
+def invalidate(stage_dir) -> None:
+    """Forget a stage's record before recomputing it: an interrupted recompute is never fresh."""
+    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+
+
 def output_hash(run_root, relpath: str) -> str | None:
     """Current fingerprint of a stage output, by path relative to the run folder.
 

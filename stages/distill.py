@@ -5,9 +5,14 @@ student forward and backward, and reads the teacher's embeddings of those exact 
 memory. Every ``eval_every`` steps the source-validation accuracy and loss are measured; the
 model with the best accuracy is kept (DomainBed's training-domain validation) and, with SWAD,
 the dense weight average over the loss valley as well.
+
+At every validation the whole training state is checkpointed (temp file, then rename); a run
+that was killed continues from there and ends with the same weights as an uninterrupted run.
 """
 import copy
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +21,7 @@ from data.cutmix import cutmix
 from data.images import ReplayImages
 from data.sampling import BalancedViewSampler
 from pipeline.progress import progress
+from stages.extract import Interrupted, StopFlag
 from stages.methods import Batch
 from stages.predict import device, loader
 from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
@@ -26,8 +32,12 @@ BN_BATCHES = 20  # training batches that re-estimate BatchNorm statistics of SWA
 def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
             val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
             workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
-            swad_valley: dict | None = None) -> tuple[dict, list]:
-    """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log)."""
+            swad_valley: dict | None = None, resume_path=None, resume_key: str = "") -> tuple[dict, list]:
+    """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log).
+
+    With ``resume_path``, training state is saved there at every validation and, if a saved
+    state with the same ``resume_key`` exists, training continues from it.
+    """
     torch.manual_seed(seed)
     run_device = device()
     model = method.model.to(run_device)
@@ -35,9 +45,34 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
         model.to(memory_format=torch.channels_last)
     labels_t = torch.as_tensor(labels)
     rng = np.random.default_rng([seed, 1])
-    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps)
-    batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                          pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
+    valley = LossValley(**(swad_valley or {})) if swad else None
+    segment, segment_start = RunningAverage(), 1
+    best, log, losses, first_step = (-1.0, None, 0), [], [], 0
+
+    saved = _load_resume(resume_path, resume_key)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        method.optimizer.load_state_dict(saved["optimizer"])
+        if method.scheduler is not None:
+            method.scheduler.load_state_dict(saved["scheduler"])
+        rng.bit_generator.state = saved["cutmix_rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        best, log, first_step = tuple(saved["best"]), saved["log"], saved["step"]
+        if swad:
+            valley.load_state_dict(saved["valley"])
+            segment_start = first_step + 1
+
+    def checkpoint(step: int) -> None:
+        if resume_path is None:
+            return
+        state = {"key": resume_key, "step": step, "model": model.state_dict(),
+                 "optimizer": method.optimizer.state_dict(),
+                 "scheduler": method.scheduler.state_dict() if method.scheduler is not None else None,
+                 "cutmix_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                 "best": list(best), "log": log, "valley": valley.state_dict() if swad else None}
+        tmp = Path(str(resume_path) + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, resume_path)
 
     def make_batch(items, pixels) -> Batch:
         images = pixels.to(run_device, non_blocking=True)
@@ -55,12 +90,13 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
             total_loss += loss * len(items)
         return correct / max(len(val_rows), 1), total_loss / max(len(val_rows), 1)
 
-    valley = LossValley(**(swad_valley or {})) if swad else None
-    segment, segment_start = RunningAverage(), 1
-    best, log, losses = (-1.0, None, 0), [], []
+    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step)
+    batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                          pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
     started = time.time()
-    with progress(total=steps, desc=f"distill {method.name}", unit="step") as bar:
-        for step, (items, pixels) in enumerate(batches, start=1):
+    with progress(total=steps, initial=first_step, desc=f"distill {method.name}", unit="step") as bar, \
+            StopFlag() as stop:
+        for step, (items, pixels) in enumerate(batches, start=first_step + 1):
             batch = make_batch(items, pixels)
             if cutmix_p and rng.random() < cutmix_p:
                 mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
@@ -80,6 +116,10 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
                 if swad:
                     valley.update(Segment(segment.state, val_loss, segment_start, step))
                     segment, segment_start = RunningAverage(), step + 1
+                checkpoint(step)
+                if stop.requested:
+                    raise Interrupted(f"distill: interrupted at step {step} of {steps}; the state is saved, "
+                                      f"run the same command again to continue")
     states = {"best": best[1]}
     summary = {"best_step": best[2], "best_source_val_acc": best[0]}
     if swad:
@@ -93,3 +133,11 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
         summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,
                        swad_source_val_acc=acc)
     return states, log + [summary]
+
+
+def _load_resume(path, key: str):
+    """The saved training state, if there is one for this exact configuration."""
+    if path is None or not Path(path).exists():
+        return None
+    saved = torch.load(path, weights_only=True)  # tensors and plain containers only: no code runs
+    return saved if saved.get("key") == key else None

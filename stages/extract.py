@@ -69,10 +69,17 @@ def encode_anchors(teacher, classes: list, anchor_names: list) -> torch.Tensor:
     return torch.stack(per_anchor, dim=1)
 
 
-def extract(index, teacher, store_path, *, templates: tuple, template_set: str, n_views: int,
-            view_seed: int, augment: Augment = Augment(), batch_size: int = 64,
-            workers: int = 0) -> dict:
-    """Fill ``store_path`` (created if missing, resumed if partial). Returns a summary."""
+def extract(index, teacher, store_path, **settings) -> dict:
+    """Fill ``store_path`` (created if missing, resumed if partial). Returns a summary.
+
+    SIGINT stops it cleanly after the current batch (raising ``Interrupted``).
+    """
+    with StopFlag() as stop:
+        return _extract(index, teacher, store_path, stop, **settings)
+
+
+def _extract(index, teacher, store_path, stop, *, templates: tuple, template_set: str, n_views: int,
+             view_seed: int, augment: Augment = Augment(), batch_size: int = 64, workers: int = 0) -> dict:
     store_path = Path(store_path)
     skipped_path = store_path.with_name("skipped.jsonl")
     if not store_path.exists():
@@ -107,7 +114,7 @@ def extract(index, teacher, store_path, *, templates: tuple, template_set: str, 
                                              collate_fn=_collate, pin_memory=torch.cuda.is_available(),
                                              worker_init_fn=_ignore_sigint)
         batches = iter(loader)  # workers fork here, before the HDF5 file is opened
-        with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, StopFlag() as stop, \
+        with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, \
                 progress(total=sum(map(len, blocks)), desc="extract", unit="img") as bar:
             for rows, pixels, params, errors in batches:
                 embeddings = teacher.encode_images(pixels.flatten(0, 1)).reshape(len(rows), n_views, -1)

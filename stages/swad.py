@@ -36,9 +36,23 @@ class RunningAverage:
                 self.state[k] = v.detach().clone()
 
 
+    def state_dict(self) -> dict:
+        return {"count": self.count, "state": self.state}
+
+    @classmethod
+    def from_state_dict(cls, saved: dict) -> "RunningAverage":
+        average = cls()
+        average.count, average.state = saved["count"], saved["state"]
+        return average
+
+
 class Segment:
     def __init__(self, state: dict, val_loss: float, start_step: int, end_step: int):
         self.state, self.val_loss, self.start_step, self.end_step = state, val_loss, start_step, end_step
+
+    def to_dict(self) -> dict:
+        return {"state": self.state, "val_loss": self.val_loss, "start_step": self.start_step,
+                "end_step": self.end_step}
 
 
 class LossValley:
@@ -50,6 +64,25 @@ class LossValley:
         self.threshold = None
         self.dead_valley = False
         self.segments_used = []      # (start_step, end_step) of every averaged segment
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue after a restart (tensors, lists and numbers only)."""
+        segments = {id(seg): seg for seg in [*self.converge_q, *self.smooth_q]}
+        return {"segments": [seg.to_dict() for seg in segments.values()],
+                "converge_q": [list(segments).index(id(seg)) for seg in self.converge_q],
+                "smooth_q": [list(segments).index(id(seg)) for seg in self.smooth_q],
+                "final": None if self.final is None else self.final.state_dict(),
+                "converge_step": self.converge_step, "threshold": self.threshold,
+                "dead_valley": self.dead_valley, "segments_used": [list(s) for s in self.segments_used]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        segments = [Segment(**seg) for seg in saved["segments"]]
+        self.converge_q = deque((segments[i] for i in saved["converge_q"]), maxlen=self.n_converge)
+        self.smooth_q = deque((segments[i] for i in saved["smooth_q"]), maxlen=self.n_tolerance)
+        self.final = None if saved["final"] is None else RunningAverage.from_state_dict(saved["final"])
+        self.converge_step, self.threshold = saved["converge_step"], saved["threshold"]
+        self.dead_valley = saved["dead_valley"]
+        self.segments_used = [tuple(s) for s in saved["segments_used"]]
 
     @property
     def converged(self) -> bool:
