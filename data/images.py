@@ -105,10 +105,16 @@ class ExtractionImages(torch.utils.data.Dataset):
 
 
 class ReplayImages(torch.utils.data.Dataset):
-    """Item ``row * n_views + view`` -> (item, the recorded view preprocessed for the student)."""
+    """Item ``row * n_views + view`` -> (item, the recorded view preprocessed for the student).
 
-    def __init__(self, root, paths, view_params: np.ndarray, spec: views.InputSpec):
+    With ``teacher_spec`` (online-teacher mode) the same view preprocessed for the teacher is
+    appended: (item, student pixels, teacher pixels).
+    """
+
+    def __init__(self, root, paths, view_params: np.ndarray, spec: views.InputSpec,
+                 teacher_spec: views.InputSpec | None = None):
         self.root, self.paths, self.view_params, self.spec = Path(root), paths, view_params, spec
+        self.teacher_spec = teacher_spec
         self.n_views = view_params.shape[1]
 
     def __len__(self):
@@ -119,4 +125,7 @@ class ReplayImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         row, view = divmod(int(item), self.n_views)
-        return int(item), self.spec(self.view(row, view))
+        pixels = self.view(row, view)
+        if self.teacher_spec is None:
+            return int(item), self.spec(pixels)
+        return int(item), self.spec(pixels), self.teacher_spec(pixels)

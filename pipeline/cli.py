@@ -124,10 +124,13 @@ def align(run_dir, student, student_weights, student_size, holdout, steps, per_d
               help="rise: relative-distance anchors: source-domain names, or bright/corrupted/dark/good photo.")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
 @click.option("--swad/--no-swad", default=None, help="SWAD weight averaging (default: on for adip and sd).")
+@click.option("--teacher-online", is_flag=True,
+              help="Run the teacher on every replayed view instead of reading the cache (the reference).")
 @WORKERS
 @FORCE
 def distill(run_dir, method, holdout, student, student_weights, student_size, steps, per_domain, seed,
-            eval_every, lr, lam, temperature, alpha, w_kd, w_ce, w_dist, anchors, cutmix, swad, workers, force):
+            eval_every, lr, lam, temperature, alpha, w_kd, w_ce, w_dist, anchors, cutmix, swad, teacher_online,
+            workers, force):
     """Train a student on replayed views against the cached teacher embeddings."""
     hparams = {"lr": lr, "lam": lam, "temperature": temperature, "alpha": alpha, "w_kd": w_kd,
                "w_ce": w_ce, "w_dist": w_dist}
@@ -135,7 +138,7 @@ def distill(run_dir, method, holdout, student, student_weights, student_size, st
         jobs.distill(run, method=method, holdout=holdout, student=student, student_weights=student_weights,
                      student_size=student_size, steps=steps, per_domain=per_domain, seed=seed,
                      eval_every=eval_every, workers=workers, force=force, hparams=hparams, cutmix=cutmix,
-                     swad=swad, anchors=anchors)
+                     swad=swad, anchors=anchors, teacher_online=teacher_online)
 
 
 @main.command()
@@ -193,6 +196,32 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
         holdouts=holdouts, workers=workers, force=force, cutmix=cutmix)
+
+
+@main.command()
+@click.option("--teacher", default=config.DEMO_TEACHER, help="open_clip model (default: the demo teacher).")
+@click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
+@click.option("--student", default="test_resnet", show_default=True, help="timm model name.")
+@click.option("--student-weights", default="none", show_default=True, help="imagenet, none or a file.")
+@click.option("--student-size", default=64, show_default=True, help="Student input size.")
+@click.option("--images", default=400, show_default=True, help="Images in the benchmark dataset.")
+@click.option("--views", default=4, show_default=True, help="Views per image.")
+@click.option("--batch-size", default=32, show_default=True, help="Teacher batch size.")
+@click.option("--per-domain", default=16, show_default=True, help="Images per source domain per step.")
+@click.option("--steps", default=40, show_default=True, help="Training steps timed.")
+@WORKERS
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
+def bench(teacher, pretrained, student, student_weights, student_size, images, views, batch_size, per_domain,
+          steps, workers, json_path):
+    """Measure extraction efficiency, cached vs online step cost, align speed-up, teacher forwards
+    and extraction memory, all in one run on this machine."""
+    from pipeline.bench import bench as run_bench, render
+    results = run_bench(teacher=teacher, pretrained=_none(pretrained), student=student,
+                        student_weights=student_weights, student_size=student_size, images=images, views=views,
+                        batch_size=batch_size, per_domain=per_domain, steps=steps, workers=workers)
+    click.echo(render(results))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
 
 
 @main.command()

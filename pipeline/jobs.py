@@ -209,14 +209,21 @@ def _student_for(run: RunFolder, method: str, holdout: str, student: str | None,
         "student": student, "student_weights": student_weights, "student_size": student_size}
 
 
+def _cached_teacher(cache: TeacherCache, weights: bool = True):
+    """The teacher the cache was made with (its architecture only, without ``weights``)."""
+    from stages.teacher import OpenClipTeacher
+    teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if weights else None,
+                              device="cuda" if torch.cuda.is_available() else "cpu")
+    if weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:
+        raise UserError(f"the teacher checkpoint changed since extraction ({cache.attrs['teacher']}, "
+                        f"{cache.attrs['pretrained']}); this needs the teacher the cache was made with")
+    return teacher
+
+
 def _build(method: str, info: dict, cache: TeacherCache, text, load_teacher_weights: bool):
     """The method's model (untrained head) and its input spec, from a student description."""
     if method == "sd":
-        from stages.teacher import OpenClipTeacher
-        teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if load_teacher_weights else None)
-        if load_teacher_weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:
-            raise UserError(f"the teacher checkpoint changed since extraction; sd must start from the cached "
-                            f"teacher ({cache.attrs['teacher']}, {cache.attrs['pretrained']})")
+        teacher = _cached_teacher(cache, weights=load_teacher_weights)
         tower = teacher.model.visual.float()
         return METHODS[method].build(tower, cache.dim, text), teacher.input_spec
     backbone, spec = create_backbone(info["student"], info["student_weights"], info["student_size"])
@@ -235,8 +242,12 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
             student_weights: str = "imagenet", student_size=None, steps: int, per_domain: int,
             seed: int = 0, eval_every: int, workers: int = 0, force: bool = False,
             hparams: dict | None = None, cutmix: float = 0.0, swad: bool | None = None,
-            anchors: str = "domains") -> str:
-    """Train ``method`` for ``holdout`` and save its best (and SWAD) weights."""
+            anchors: str = "domains", teacher_online: bool = False) -> str:
+    """Train ``method`` for ``holdout`` and save its best (and SWAD) weights.
+
+    ``teacher_online`` runs the teacher on every replayed view instead of reading the cache:
+    the official code's way, kept as the reference the cache is checked against.
+    """
     if method not in ALL_METHODS or method == "zeroshot":
         raise UserError(f"unknown method '{method}' for distill; choose from "
                         f"{', '.join(m for m in ALL_METHODS if m != 'zeroshot')}")
@@ -254,7 +265,9 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
     hparams = {k: v for k, v in (hparams or {}).items() if v is not None}
     config = {"method": method, "student": info, "steps": steps, "per_domain": per_domain, "seed": seed,
               "eval_every": eval_every, "hparams": hparams, "cutmix": cutmix, "swad": use_swad,
-              "anchors": anchors}
+              "anchors": anchors, **({"teacher_online": True} if teacher_online else {})}
+    if teacher_online and method == "probe":
+        raise UserError("--teacher-online applies to student methods, not the probe")
     out = run.distill(method, key, holdout, seed)
     if manifest.why_stale(out, config, inputs) is None and not force:
         say(f"distill: {method} up to date for held-out '{holdout}' ({key}, seed {seed}); --force recomputes")
@@ -275,7 +288,9 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
         if method == "adip":
             model.projection.load_state_dict(load_file(projection_path))
         trainer = METHODS[method](model, text, steps, **hparams)
-        dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
+        online = distill_stage.OnlineTargets(_cached_teacher(cache)) if teacher_online else None
+        dataset = ReplayImages(index.root, index.paths, cache.view_params, spec,
+                               teacher_spec=online.teacher.input_spec if online else None)
         say(f"distill: {method}, {info['student']} on {', '.join(sources)} -> held-out '{holdout}', "
             f"{steps} steps of {per_domain} images per domain{', SWAD' if use_swad else ''}"
             f"{f', CutMix p={cutmix}' if cutmix else ''}")
@@ -287,7 +302,7 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
             states, log = distill_stage.distill(
                 trainer, dataset, cache, index.label, train_rows, val_rows, steps=steps, per_domain=per_domain,
                 seed=seed, eval_every=eval_every, workers=workers, cutmix_p=cutmix, swad=use_swad,
-                resume_path=resume, resume_key=sha256_json({"config": config, "inputs": inputs}))
+                resume_path=resume, resume_key=sha256_json({"config": config, "inputs": inputs}), online=online)
         except extract_stage.Interrupted as stop:
             say(str(stop))
             raise SystemExit(130)

@@ -29,11 +29,27 @@ from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
 BN_BATCHES = 20  # training batches that re-estimate BatchNorm statistics of SWAD weights
 
 
+class OnlineTargets:
+    """The reference the cache must match: run the teacher on each replayed view, every step,
+    as the official code does. Counts the teacher image forwards it spends."""
+
+    def __init__(self, teacher):
+        self.teacher, self.forwards = teacher, 0
+
+    def __call__(self, items, teacher_pixels) -> torch.Tensor:
+        self.forwards += len(items)
+        return self.teacher.encode_images(teacher_pixels)
+
+
 def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
             val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
             workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
-            swad_valley: dict | None = None, resume_path=None, resume_key: str = "") -> tuple[dict, list]:
+            swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
+            online: OnlineTargets | None = None) -> tuple[dict, list]:
     """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log).
+
+    Targets come from ``cache``, or with ``online`` from the teacher itself (``dataset`` then
+    also yields the teacher's preprocessing of each view).
 
     With ``resume_path``, training state is saved there at every validation and, if a saved
     state with the same ``resume_key`` exists, training continues from it.
@@ -74,17 +90,18 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
         torch.save(state, tmp)
         os.replace(tmp, resume_path)
 
-    def make_batch(items, pixels) -> Batch:
+    def make_batch(items, pixels, *teacher_pixels) -> Batch:
         images = pixels.to(run_device, non_blocking=True)
         if run_device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
+        targets = online(items, teacher_pixels[0]) if online is not None else cache.targets(items)
         return Batch(images, labels_t[items // dataset.n_views].to(run_device),
-                     cache.targets(items).to(run_device, non_blocking=True))
+                     targets.to(run_device, non_blocking=True))
 
     def validate() -> tuple[float, float]:
         correct, total_loss = 0, 0.0
-        for items, pixels in loader(dataset, np.asarray(val_rows) * dataset.n_views, 128, 0):
-            batch = make_batch(items, pixels)
+        for items, *pixels in loader(dataset, np.asarray(val_rows) * dataset.n_views, 128, 0):
+            batch = make_batch(items, *pixels)
             logits, loss = method.evaluate(batch)
             correct += int((logits.argmax(-1) == batch.labels).sum())
             total_loss += loss * len(items)
@@ -93,11 +110,12 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
     sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step)
     batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                           pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
-    started = time.time()
+    started, train_seconds = time.time(), 0.0
     with progress(total=steps, initial=first_step, desc=f"distill {method.name}", unit="step") as bar, \
             StopFlag() as stop:
-        for step, (items, pixels) in enumerate(batches, start=first_step + 1):
-            batch = make_batch(items, pixels)
+        step_started = time.perf_counter()
+        for step, (items, *pixels) in enumerate(batches, start=first_step + 1):
+            batch = make_batch(items, *pixels)
             if cutmix_p and rng.random() < cutmix_p:
                 mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
                 batch = Batch(mixed, batch.labels, batch.image_emb, batch.labels[perm], batch.image_emb[perm], mix)
@@ -105,6 +123,7 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
             if swad:
                 segment.add(model.state_dict())
             bar.update(1)
+            train_seconds += time.perf_counter() - step_started
             if step % eval_every == 0 or step == steps:
                 acc, val_loss = validate()
                 log.append({"step": step, "loss": round(float(np.mean(losses)), 5), "source_val_acc": acc,
@@ -120,14 +139,17 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
                 if stop.requested:
                     raise Interrupted(f"distill: interrupted at step {step} of {steps}; the state is saved, "
                                       f"run the same command again to continue")
+            step_started = time.perf_counter()
     states = {"best": best[1]}
-    summary = {"best_step": best[2], "best_source_val_acc": best[0]}
+    summary = {"best_step": best[2], "best_source_val_acc": best[0],
+               "teacher_image_forwards": online.forwards if online is not None else 0,
+               "train_seconds_per_step": round(train_seconds / max(steps - first_step, 1), 5)}
     if swad:
         model.load_state_dict(valley.final_state())
         bn_sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed + 1,
                                          min(BN_BATCHES, steps))
         bn_batches = torch.utils.data.DataLoader(dataset, batch_sampler=bn_sampler, num_workers=workers)
-        update_batchnorm(model, (make_batch(items, pixels).images for items, pixels in bn_batches))
+        update_batchnorm(model, (pixels[0].to(run_device) for _, *pixels in bn_batches))
         states["swad"] = copy.deepcopy(model.state_dict())
         acc, val_loss = validate()
         summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,

@@ -1,0 +1,184 @@
+"""`pipeline bench`: measured ratios for the cache's promises, all in one run on one machine.
+
+- extract_efficiency: extraction images/s / the teacher's own images/s on pre-decoded tensors
+- cached_step_overhead: cached distill step time / student forward+backward on in-memory tensors
+- online_vs_cached: online-teacher step / cached step, against the ideal 1 + t_teacher / t_student
+- align_speedup: align steps/s on cached features / align steps/s running student and teacher
+- teacher_forwards: ours (one extraction) vs the official code's, for a full leave-one-domain-out
+  adip run with the default protocol on the benchmark dataset
+- extraction peak memory for N and 2N images (streaming: it must not grow with N)
+"""
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import demo
+from data.images import ReplayImages
+from data.sampling import BalancedViewSampler
+from pipeline import config, jobs, report
+from pipeline.runfolder import RunFolder
+
+TARGETS = {"extract_efficiency": (">=", 0.90), "cached_step_overhead": ("<=", 1.10),
+           "online_fraction_of_ideal": (">=", 0.95), "align_speedup": (">=", 100.0)}
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def _peak_rss_mb(data, run, teacher, pretrained, views, batch_size, workers) -> float:
+    """Peak resident memory (MB) of a fresh extraction process and its workers."""
+    script = ("import resource, sys\nfrom pipeline.cli import main\n"
+              "try:\n    main(sys.argv[1:], standalone_mode=False)\nfinally:\n"
+              "    self, kids = (resource.getrusage(w).ru_maxrss for w in "
+              "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+              "    print('PEAK', self, kids, file=sys.stderr)\n")
+    command = [sys.executable, "-c", script, "extract", "--data", str(data), "--run", str(run),
+               "--teacher", teacher, "--pretrained", str(pretrained), "--views", str(views),
+               "--batch-size", str(batch_size), "--workers", str(workers)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    peak = [line for line in result.stderr.splitlines() if line.startswith("PEAK")][-1].split()
+    return round(max(int(peak[1]), int(peak[2])) / 1024, 1)
+
+
+def bench(*, teacher: str, pretrained, student: str, student_weights: str, student_size: int,
+          images: int, views: int, batch_size: int, per_domain: int, steps: int, workers: int) -> dict:
+    from stages.methods import METHODS
+    from stages.student import create_backbone, feature_dim
+    from stages import align as align_stage, distill as distill_stage
+    from cache.teacher_store import TeacherCache
+
+    torch.manual_seed(0)
+    results = {"settings": {"teacher": teacher, "student": student, "student_size": student_size,
+                            "images": images, "views": views, "batch_size": batch_size,
+                            "per_domain": per_domain, "steps": steps, "workers": workers,
+                            "device": "cuda" if torch.cuda.is_available() else "cpu",
+                            "torch_threads": torch.get_num_threads()}}
+    per_class = max(1, images // (len(demo.DOMAINS) * len(demo.CLASSES)))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = demo.generate(tmp / "data", per_class=per_class)
+        run = RunFolder(tmp / "run")
+        with run.writing():
+            started = time.perf_counter()
+            jobs.extract(run, data, teacher=teacher, pretrained=pretrained, views=views, view_seed=0,
+                         template_set="photo", val_fraction=0.2, split_seed=0, batch_size=batch_size,
+                         workers=workers, force=False)
+        summary = json.loads((run.extract / "manifest.json").read_text())["summary"]
+        n_images = summary["images"]
+        extract_ips = n_images / summary["seconds"]
+        cache = TeacherCache(run.teacher_store)
+        index = run.load_index()
+        model = jobs._cached_teacher(cache)
+
+        # The teacher alone, on tensors already decoded and preprocessed: images (all K views) per second.
+        dataset = ReplayImages(index.root, index.paths, cache.view_params, model.input_spec)
+        teacher_pixels = torch.stack([dataset[i][1] for i in range(batch_size * views)])
+        t_teacher_batch = _time(lambda: model.encode_images(teacher_pixels), 5)
+        results["extract_images_per_s"] = round(extract_ips, 1)
+        results["teacher_images_per_s"] = round(batch_size / t_teacher_batch, 1)
+        results["extract_efficiency"] = round(extract_ips / (batch_size / t_teacher_batch), 3)
+
+        # One training step: in-memory tensors vs. the cached pipeline vs. the online teacher.
+        sources = index.domains[1:]
+        train_rows = [index.rows([d], "train") for d in sources]
+        val_rows = index.rows(sources, "val")[:8]
+        text = cache.text(sources)
+        backbone, spec = create_backbone(student, student_weights, student_size)
+        step_batch = per_domain * len(sources)
+
+        def new_trainer():
+            net, _ = create_backbone(student, student_weights, student_size)
+            return METHODS["kd"](METHODS["kd"].build(net, feature_dim(net), text), text, steps)
+
+        trainer = new_trainer()
+        student_px = torch.stack([ReplayImages(index.root, index.paths, cache.view_params, spec)[i][1]
+                                  for i in range(step_batch)])
+        from stages.methods import Batch
+        batch = Batch(student_px, torch.zeros(step_batch, dtype=torch.long), cache.targets(torch.arange(step_batch)))
+        t_student = _time(lambda: trainer.update(batch), 5)
+        t_teacher_step = _time(lambda: model.encode_images(teacher_pixels[:step_batch]), 5)
+
+        def train(online: bool) -> float:
+            replay = ReplayImages(index.root, index.paths, cache.view_params, spec,
+                                  teacher_spec=model.input_spec if online else None)
+            _, log = distill_stage.distill(new_trainer(), replay, cache, index.label, train_rows, val_rows,
+                                           steps=steps, per_domain=per_domain, eval_every=steps, workers=workers,
+                                           online=distill_stage.OnlineTargets(model) if online else None)
+            return log[-1]["train_seconds_per_step"]
+
+        t_cached, t_online = train(False), train(True)
+        ideal = 1 + t_teacher_step / t_student
+        results.update(student_step_s=round(t_student, 5), cached_step_s=t_cached, online_step_s=t_online,
+                       teacher_forward_step_s=round(t_teacher_step, 5),
+                       cached_step_overhead=round(t_cached / t_student, 3),
+                       online_vs_cached=round(t_online / t_cached, 3), online_vs_cached_ideal=round(ideal, 3),
+                       online_fraction_of_ideal=round((t_online / t_cached) / ideal, 3))
+
+        # Align: a linear step on cached features vs. a step that must run student and teacher first.
+        features = torch.randn(n_images, views, feature_dim(backbone)).half()
+        labels = torch.as_tensor(index.label)
+        align_steps = 200
+        started = time.perf_counter()
+        align_stage.align(features, cache.image_emb, cache.classifier, labels, train_rows, index.rows(sources, "val"),
+                          steps=align_steps, per_domain=per_domain, eval_every=align_steps)
+        cached_align = (time.perf_counter() - started) / align_steps
+        frozen = backbone.eval()
+        with torch.no_grad():
+            t_frozen = _time(lambda: frozen(student_px), 3)
+        online_align = t_frozen + t_teacher_step + cached_align
+        results.update(align_cached_step_s=round(cached_align, 6), align_online_step_s=round(online_align, 5),
+                       align_speedup=round(online_align / cached_align, 1))
+
+        # Teacher forwards for a full leave-one-domain-out adip run with the default protocol.
+        n_domains = len(index.domains)
+        official = n_domains * report.official_teacher_forwards(
+            "adip", steps=config.ADIP["steps"], align_steps=config.ADIP["align_steps"],
+            batch=config.ADIP["per_domain"] * (n_domains - 1))
+        results.update(teacher_forwards=n_images * 8, teacher_forwards_official=official,
+                       teacher_forwards_note=f"{n_images} images x 8 views, once; official: {n_domains} held-out "
+                                             f"domains x (5001 align + 5001 distill steps) x 32 x {n_domains - 1}")
+
+        # Streaming: peak memory of extraction for N and 2N images.
+        big = demo.generate(tmp / "data2", per_class=2 * per_class)
+        peak_n = _peak_rss_mb(data, tmp / "mem1", teacher, pretrained, views, batch_size, workers)
+        peak_2n = _peak_rss_mb(big, tmp / "mem2", teacher, pretrained, views, batch_size, workers)
+        results.update(extract_peak_mb_n=peak_n, extract_peak_mb_2n=peak_2n,
+                       extract_memory_growth=round(peak_2n / peak_n, 3))
+    return results
+
+
+def render(results: dict) -> str:
+    lines = ["| figure | measured | target |", "|---|---|---|"]
+    for key in ("extract_efficiency", "cached_step_overhead", "online_vs_cached", "online_vs_cached_ideal",
+                "online_fraction_of_ideal", "align_speedup", "teacher_forwards", "teacher_forwards_official",
+                "extract_peak_mb_n", "extract_peak_mb_2n", "extract_memory_growth"):
+        target = TARGETS.get(key)
+        mark = ""
+        if target:
+            ok = results[key] >= target[1] if target[0] == ">=" else results[key] <= target[1]
+            mark = f"{target[0]} {target[1]} ({'met' if ok else 'missed'})"
+        value = f"{results[key]:,}" if isinstance(results[key], int) else str(results[key])
+        lines.append(f"| {key} | {value} | {mark} |")
+    s = results["settings"]
+    lines.append(f"\nteacher {s['teacher'].split('/')[-1]}, student {s['student']} at {s['student_size']} px, "
+                 f"{s['images']} images x {s['views']} views, batch {s['batch_size']}, {s['steps']} steps of "
+                 f"{s['per_domain']} per domain, {s['workers']} workers, {s['device']}, {s['torch_threads']} threads")
+    lines.append(f"teacher {results['teacher_images_per_s']} img/s alone, extraction {results['extract_images_per_s']} "
+                 f"img/s; student step {results['student_step_s']} s, cached {results['cached_step_s']} s, "
+                 f"online {results['online_step_s']} s")
+    return "\n".join(lines)
