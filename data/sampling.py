@@ -8,13 +8,21 @@ import numpy as np
 
 
 class BalancedViewSampler:
-    """Infinite stream of batches of flat items ``row * n_views + view``."""
+    """Batches of flat items ``row * n_views + view`` for steps ``start_step..steps-1``.
+
+    With ``world`` > 1 (torchrun) each rank yields its slice ``batch[rank::world]`` of the same
+    global batch.
+    """
 
     def __init__(self, rows_by_domain: list, per_domain: int, n_views: int, seed: int,
-                 steps: int, start_step: int = 0):
+                 steps: int, start_step: int = 0, rank: int = 0, world: int = 1):
         self.rows_by_domain = [np.asarray(r) for r in rows_by_domain if len(r)]
         self.per_domain, self.n_views = per_domain, n_views
         self.seed, self.steps, self.start_step = seed, steps, start_step
+        self.rank, self.world = rank, world
+        if (per_domain * len(self.rows_by_domain)) % world:
+            raise ValueError(f"the batch of {per_domain * len(self.rows_by_domain)} images does not split "
+                             f"evenly over {world} processes")
 
     def __len__(self):
         return self.steps - self.start_step
@@ -34,4 +42,4 @@ class BalancedViewSampler:
 
     def __iter__(self):
         for step in range(self.start_step, self.steps):
-            yield self.batch(step).tolist()
+            yield self.batch(step)[self.rank::self.world].tolist()

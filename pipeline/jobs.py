@@ -17,7 +17,7 @@ from cache.index import write_table
 from data import domainbed
 from data.images import ReplayImages
 from data.views import Augment
-from pipeline import manifest
+from pipeline import distributed, manifest
 from pipeline.config import ADIP
 from pipeline.errors import UserError
 from pipeline.runfolder import RunFolder
@@ -37,7 +37,8 @@ ALL_METHODS = (*CACHE_METHODS, *METHODS)
 
 
 def say(message: str) -> None:
-    click.echo(message, err=True)
+    if distributed.is_main():
+        click.echo(message, err=True)
 
 
 def _write_json(path, obj) -> None:
@@ -77,12 +78,19 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
     if reason is None and not force:
         say(f"extract: up to date ({len(index)} images, {views} views, teacher {teacher}); --force recomputes")
         return
-    model = OpenClipTeacher(teacher, pretrained, device="cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = distributed.world()
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    model = OpenClipTeacher(teacher, pretrained, device=device)
     if not model.has_weights:
         say(f"warning: teacher {teacher} has no weights: using a random initialisation")
     wanted = extract_stage.store_attrs(model, index, templates, template_set, views, view_seed, augment, batch_size)
-    if run.teacher_store.exists() and not force:
-        existing = store.read_attrs(run.teacher_store)
+    existing_store = run.teacher_store if run.teacher_store.exists() else \
+        extract_stage.shard_path(run.teacher_store, rank, world)
+    if world > 1 and run.teacher_store.exists() and not force and store.read_attrs(run.teacher_store).get("shards") != world:
+        raise UserError(f"{run.teacher_store} was extracted with another number of processes; resume with the "
+                        f"same number, or use --force")
+    if existing_store.exists() and not force:
+        existing = store.read_attrs(existing_store)
         differs = extract_stage.mismatches(existing, wanted)
         if differs:
             detail = "; ".join(_dataset_change(run, index) if k == "dataset_fingerprint" else
@@ -90,19 +98,29 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
             raise UserError(f"{run.root} holds a cache made with a different {', '.join(differs)} ({detail}); "
                             f"use --force to rebuild it, or a new --run folder")
         say(f"extract: resuming the cache in {run.extract}")
-    elif force and run.extract.exists():
+    elif force and run.extract.exists() and distributed.is_main():
         shutil.rmtree(run.extract)
+    distributed.barrier()
     run.extract.mkdir(parents=True, exist_ok=True)
     manifest.invalidate(run.extract)
     say(f"extract: {len(index)} images in {len(index.domains)} domains, {len(index.classes)} classes; "
-        f"{views} views each; teacher {teacher}")
+        f"{views} views each; teacher {teacher}" + (f"; {world} processes" if world > 1 else ""))
+    settings = dict(templates=templates, template_set=template_set, n_views=views, view_seed=view_seed,
+                    augment=augment, batch_size=batch_size)
     try:
-        summary = extract_stage.extract(index, model, run.teacher_store, templates=templates,
-                                        template_set=template_set, n_views=views, view_seed=view_seed,
-                                        augment=augment, batch_size=batch_size, workers=workers)
+        summary = extract_stage.extract(index, model, run.teacher_store, rank=rank, world=world,
+                                        workers=workers, **settings)
     except extract_stage.Interrupted as stop:
         say(str(stop))
         raise SystemExit(130)
+    if world > 1:
+        distributed.barrier()  # every shard is complete
+        if not distributed.is_main():
+            return
+        extract_stage.join_shards(index, model, run.teacher_store, world, **settings)
+        joined = store.read(run.teacher_store, "status")
+        summary.update(images=len(index), ok=int((joined == store.DONE).sum()),
+                       skipped=int((joined == store.FAILED).sum()), processes=world)
     status = store.read(run.teacher_store, "status")
     summary["teacher_image_forwards"] = int((status == store.DONE).sum()) * views
     reasons = extract_stage.skipped_reasons(run.teacher_store)
@@ -111,7 +129,8 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
     if summary["ok"] == 0:
         raise UserError(f"none of the {len(index)} images in {data_root} could be read; "
                         f"reasons in {run.extract / 'skipped.jsonl'}")
-    manifest.write(run.extract, config, inputs, ["teacher.h5", "index.parquet"], summary)
+    shards = sorted(run.rel(p)[len("extract/"):] for p in (run.extract / "shards").glob("*.h5")) if world > 1 else []
+    manifest.write(run.extract, config, inputs, ["teacher.h5", "index.parquet", *shards], summary)
     rate = f" ({summary['images_per_s']} images/s)" if summary["images_per_s"] else ""
     say(f"extract: done in {summary['seconds']} s{rate}; {summary['ok']} images cached")
     if summary["skipped"]:
@@ -298,15 +317,22 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
         resume = out / "resume.pt"
         if force:
             resume.unlink(missing_ok=True)
+        rank, world = distributed.world()
+        if (per_domain * len(sources)) % world:
+            raise UserError(f"--per-domain {per_domain} x {len(sources)} source domains must split evenly "
+                            f"over {world} processes")
         try:
             states, log = distill_stage.distill(
                 trainer, dataset, cache, index.label, train_rows, val_rows, steps=steps, per_domain=per_domain,
                 seed=seed, eval_every=eval_every, workers=workers, cutmix_p=cutmix, swad=use_swad,
-                resume_path=resume, resume_key=sha256_json({"config": config, "inputs": inputs}), online=online)
+                resume_path=resume, resume_key=sha256_json({"config": config, "inputs": inputs}), online=online,
+                rank=rank, world=world)
         except extract_stage.Interrupted as stop:
             say(str(stop))
             raise SystemExit(130)
         outputs = [f"{name}.safetensors" for name in states]
+        if not distributed.is_main():
+            return key  # checkpoints and results are written once, by rank 0
     out.mkdir(parents=True, exist_ok=True)
     for name, state in states.items():
         save_file({k: v.contiguous() for k, v in state.items()}, out / f"{name}.safetensors")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cache.index import read_table
 from data.domainbed import ImageIndex
+from pipeline.distributed import is_main
 from pipeline.errors import UserError
 
 
@@ -85,7 +86,12 @@ class RunFolder:
 
     @contextmanager
     def writing(self):
-        """Hold the run folder's lock: a second writer gets a clear refusal, not a mixed cache."""
+        """Hold the run folder's lock: a second writer gets a clear refusal, not a mixed cache.
+
+        Under torchrun the job's rank 0 holds it for all its ranks."""
+        if not is_main():
+            yield self
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             handle = open(self.root / ".lock", "w")

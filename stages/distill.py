@@ -45,11 +45,15 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
             val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
             workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
             swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
-            online: OnlineTargets | None = None) -> tuple[dict, list]:
+            online: OnlineTargets | None = None, rank: int = 0, world: int = 1) -> tuple[dict, list]:
     """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log).
 
     Targets come from ``cache``, or with ``online`` from the teacher itself (``dataset`` then
     also yields the teacher's preprocessing of each view).
+
+    Under torchrun (``world`` > 1) the model is wrapped in DistributedDataParallel and each rank
+    decodes and trains on its slice of every global batch; gradients are averaged, so a step is
+    the single-process step on the whole batch (BatchNorm statistics stay per rank on CPU).
 
     With ``resume_path``, training state is saved there at every validation and, if a saved
     state with the same ``resume_key`` exists, training continues from it.
@@ -59,6 +63,10 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
     model = method.model.to(run_device)
     if run_device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    if world > 1:
+        if run_device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        method.ddp = torch.nn.parallel.DistributedDataParallel(model)
     labels_t = torch.as_tensor(labels)
     rng = np.random.default_rng([seed, 1])
     valley = LossValley(**(swad_valley or {})) if swad else None
@@ -79,7 +87,7 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
             segment_start = first_step + 1
 
     def checkpoint(step: int) -> None:
-        if resume_path is None:
+        if resume_path is None or rank != 0:
             return
         state = {"key": resume_key, "step": step, "model": model.state_dict(),
                  "optimizer": method.optimizer.state_dict(),
@@ -107,7 +115,8 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
             total_loss += loss * len(items)
         return correct / max(len(val_rows), 1), total_loss / max(len(val_rows), 1)
 
-    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step)
+    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step,
+                                  rank=rank, world=world)
     batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                           pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
     started, train_seconds = time.time(), 0.0
@@ -119,7 +128,7 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
             if cutmix_p and rng.random() < cutmix_p:
                 mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
                 batch = Batch(mixed, batch.labels, batch.image_emb, batch.labels[perm], batch.image_emb[perm], mix)
-            losses.append(method.update(batch)["loss"])
+            losses.append(_global_mean(method.update(batch)["loss"], world))
             if swad:
                 segment.add(model.state_dict())
             bar.update(1)
@@ -155,6 +164,15 @@ def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows
         summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,
                        swad_source_val_acc=acc)
     return states, log + [summary]
+
+
+def _global_mean(value: float, world: int) -> float:
+    """The loss of the whole global batch: the mean of the ranks' local means (equal slices)."""
+    if world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return total.item() / world
 
 
 def _load_resume(path, key: str):

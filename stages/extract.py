@@ -17,6 +17,7 @@ re-running after an interruption continues with the pending rows. Skipped images
 reasons are appended to ``skipped.jsonl`` beside the store.
 """
 import json
+import os
 import signal
 import threading
 import time
@@ -69,44 +70,78 @@ def encode_anchors(teacher, classes: list, anchor_names: list) -> torch.Tensor:
     return torch.stack(per_anchor, dim=1)
 
 
-def extract(index, teacher, store_path, **settings) -> dict:
+ROW_DATASETS = ("image_emb", "view_params", "status")
+
+
+def extract(index, teacher, store_path, *, rank: int = 0, world: int = 1, **settings) -> dict:
     """Fill ``store_path`` (created if missing, resumed if partial). Returns a summary.
 
-    SIGINT stops it cleanly after the current batch (raising ``Interrupted``).
+    Under ``torchrun`` (``world`` > 1) each rank fills its own shard of rows,
+    ``shards/rank{r}-of-{world}.h5``; ``join_shards`` then makes ``store_path`` read exactly like
+    a single-process cache. SIGINT stops cleanly after the current batch (raising ``Interrupted``).
     """
     with StopFlag() as stop:
-        return _extract(index, teacher, store_path, stop, **settings)
+        if world == 1:
+            return _extract(index, teacher, Path(store_path), stop, range(len(index)), True, **settings)
+        rows = shard_rows(len(index), settings["batch_size"], rank, world)
+        return _extract(index, teacher, shard_path(store_path, rank, world), stop, rows, False, **settings)
 
 
-def _extract(index, teacher, store_path, stop, *, templates: tuple, template_set: str, n_views: int,
-             view_seed: int, augment: Augment = Augment(), batch_size: int = 64, workers: int = 0) -> dict:
-    store_path = Path(store_path)
-    skipped_path = store_path.with_name("skipped.jsonl")
+def shard_rows(n_rows: int, block: int, rank: int, world: int) -> range:
+    """The rows of one rank: a contiguous run of whole teacher batches."""
+    n_blocks = -(-n_rows // block)
+    first, last = rank * n_blocks // world, (rank + 1) * n_blocks // world
+    return range(min(first * block, n_rows), min(last * block, n_rows))
+
+
+def shard_path(store_path, rank: int, world: int) -> Path:
+    return Path(store_path).parent / "shards" / f"rank{rank}-of-{world}.h5"
+
+
+def _skipped_path(store_path: Path) -> Path:
+    return store_path.with_name("skipped.jsonl" if store_path.parent.name != "shards"
+                                else store_path.stem + ".skipped.jsonl")
+
+
+def _text_embeddings(teacher, index, templates: tuple, anchor_names: list) -> dict:
+    texts = {"text_emb": encode_class_texts(teacher, index.classes, templates),
+             "rise_text_emb": encode_class_texts(teacher, index.classes, TEMPLATE_SETS["rise7"]),
+             "anchor_emb": encode_anchors(teacher, index.classes, anchor_names)}
+    texts["classifier"] = text_classifier(texts["text_emb"])
+    texts["rise_classifier"] = text_classifier(texts["rise_text_emb"])
+    return texts
+
+
+def _row_datasets(n: int, n_views: int, dim: int) -> dict:
+    return {"image_emb": ((n, n_views, dim), np.float16),
+            "view_params": ((n, n_views, len(PARAM_NAMES)), np.float32),
+            "status": ((n,), np.uint8)}
+
+
+def _extract(index, teacher, store_path: Path, stop, rows: range, with_text: bool, *, templates: tuple,
+             template_set: str, n_views: int, view_seed: int, augment: Augment = Augment(),
+             batch_size: int = 64, workers: int = 0) -> dict:
+    skipped_path = _skipped_path(store_path)
     if not store_path.exists():
+        store_path.parent.mkdir(parents=True, exist_ok=True)
         attrs = store_attrs(teacher, index, templates, template_set, n_views, view_seed, augment, batch_size)
-        texts = {"text_emb": encode_class_texts(teacher, index.classes, templates),
-                 "rise_text_emb": encode_class_texts(teacher, index.classes, TEMPLATE_SETS["rise7"]),
-                 "anchor_emb": encode_anchors(teacher, index.classes, attrs["anchor_names"])}
-        texts["classifier"] = text_classifier(texts["text_emb"])
-        texts["rise_classifier"] = text_classifier(texts["rise_text_emb"])
-        n, k, dim = len(index), n_views, texts["text_emb"].shape[-1]
-        store.create(store_path, {
-            "image_emb": ((n, k, dim), np.float16),
-            "view_params": ((n, k, len(PARAM_NAMES)), np.float32),
-            "status": ((n,), np.uint8),
-            **{name: (tuple(t.shape), np.float16) for name, t in texts.items()},
-        }, attrs)
+        texts = _text_embeddings(teacher, index, templates, attrs["anchor_names"]) if with_text else {}
+        dim = teacher.encode_texts(["a"]).shape[-1]
+        store.create(store_path, {**_row_datasets(len(rows), n_views, dim),
+                                  **{name: (tuple(t.shape), np.float16) for name, t in texts.items()}},
+                     {**attrs, "rows": [rows.start, rows.stop]})
         with h5py.File(store_path, "r+") as f:
             for name, t in texts.items():
                 f[name][...] = t.numpy().astype(np.float16)
         skipped_path.unlink(missing_ok=True)
 
-    # Batches are fixed blocks of rows, so a resumed run feeds the teacher exactly the batches an
-    # uninterrupted run would (same numerics, same bytes). A block is redone if any row is pending.
+    # Batches are fixed blocks of rows, so a resumed (or sharded) run feeds the teacher exactly
+    # the batches an uninterrupted single run would: same numerics, same bytes. A block is redone
+    # if any of its rows is pending.
     block = int(store.read_attrs(store_path)["batch_size"])
     status = store.read(store_path, "status")
-    blocks = [list(range(start, min(start + block, len(index))))
-              for start in range(0, len(index), block) if (status[start:start + block] == store.PENDING).any()]
+    blocks = [list(range(start, min(start + block, rows.stop))) for start in range(rows.start, rows.stop, block)
+              if (status[start - rows.start:start - rows.start + block] == store.PENDING).any()]
     started, done_now = time.time(), 0
     if blocks:
         dataset = ExtractionImages(index.root, index.paths, n_views, view_seed, teacher.input_spec, augment)
@@ -116,30 +151,61 @@ def _extract(index, teacher, store_path, stop, *, templates: tuple, template_set
         batches = iter(loader)  # workers fork here, before the HDF5 file is opened
         with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, \
                 progress(total=sum(map(len, blocks)), desc="extract", unit="img") as bar:
-            for rows, pixels, params, errors in batches:
-                embeddings = teacher.encode_images(pixels.flatten(0, 1)).reshape(len(rows), n_views, -1)
+            for batch_rows, pixels, params, errors in batches:
+                embeddings = teacher.encode_images(pixels.flatten(0, 1)).reshape(len(batch_rows), n_views, -1)
                 ok = np.where([e == "" for e in errors], store.DONE, store.FAILED).astype(np.uint8)
-                where = slice(int(rows[0]), int(rows[-1]) + 1)
+                where = slice(int(batch_rows[0]) - rows.start, int(batch_rows[-1]) + 1 - rows.start)
                 f["image_emb"][where] = embeddings.numpy().astype(np.float16)
                 f["view_params"][where] = params.numpy()
                 f.flush()  # a row is marked done only once its embeddings are on disk
                 f["status"][where] = ok
                 f.flush()
-                for row, error in zip(rows, errors):
+                for row, error in zip(batch_rows, errors):
                     if error:
                         skipped.write(json.dumps({"path": index.paths[row], "reason": error}) + "\n")
                 skipped.flush()
-                done_now += len(rows)
-                bar.update(len(rows))
+                done_now += len(batch_rows)
+                bar.update(len(batch_rows))
                 if stop.requested:
                     raise Interrupted(f"extract: interrupted; {int((store.read(store_path, 'status') != 0).sum())} "
-                                      f"of {len(index)} images are cached; run the same command again to resume")
+                                      f"of {len(rows)} images are cached; run the same command again to resume")
     seconds = time.time() - started
     final_status = store.read(store_path, "status")
-    return {"images": len(index), "extracted_now": done_now, "seconds": round(seconds, 2),
+    return {"images": len(rows), "extracted_now": done_now, "seconds": round(seconds, 2),
             "images_per_s": round(done_now / seconds, 1) if done_now else None,
             "ok": int((final_status == store.DONE).sum()),
             "skipped": int((final_status == store.FAILED).sum())}
+
+
+def join_shards(index, teacher, store_path, world: int, *, templates: tuple, template_set: str, n_views: int,
+                view_seed: int, augment: Augment = Augment(), batch_size: int = 64, **_) -> None:
+    """Write ``store_path``: the text embeddings, and the row datasets as HDF5 virtual datasets over
+    the rank shards (joined without copying; h5py, pandas and this tool read it as one array)."""
+    store_path = Path(store_path)
+    shards = [shard_path(store_path, rank, world) for rank in range(world)]
+    attrs = store_attrs(teacher, index, templates, template_set, n_views, view_seed, augment, batch_size)
+    texts = _text_embeddings(teacher, index, templates, attrs["anchor_names"])
+    tmp = store_path.with_name(store_path.name + ".tmp")
+    with h5py.File(tmp, "w", track_order=True) as f:
+        for name in ROW_DATASETS:
+            with h5py.File(shards[0], "r") as first:
+                shape, dtype = (len(index), *first[name].shape[1:]), first[name].dtype
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            for rank, shard in enumerate(shards):
+                rows = shard_rows(len(index), batch_size, rank, world)
+                if len(rows):
+                    layout[rows.start:rows.stop] = h5py.VirtualSource(
+                        f"shards/{shard.name}", name, shape=(len(rows), *shape[1:]))
+            f.create_virtual_dataset(name, layout)
+        for name, t in texts.items():
+            f[name] = t.numpy().astype(np.float16)
+        store.write_attrs(f, {"format_version": store.FORMAT_VERSION, **attrs, "shards": world})
+    os.replace(tmp, store_path)
+    with open(_skipped_path(store_path), "w") as joined:
+        for shard in shards:
+            skipped = _skipped_path(shard)
+            if skipped.exists():
+                joined.write(skipped.read_text())
 
 
 class Interrupted(Exception):

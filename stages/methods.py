@@ -80,6 +80,7 @@ class Method:
         else:
             self.optimizer = torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
         self.scheduler = None
+        self.ddp = None  # DistributedDataParallel wrapper of ``model`` under torchrun
 
     @staticmethod
     def build(backbone: nn.Module, dim: int, text: TextTargets) -> nn.Module:
@@ -95,8 +96,9 @@ class Method:
         raise NotImplementedError
 
     def _forward(self, images):
+        module = self.ddp if (self.ddp is not None and self.model.training) else self.model
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
-            return self.model(images)
+            return module(images)
 
     def update(self, batch: Batch) -> dict:
         self.model.train()

@@ -1,0 +1,39 @@
+"""Many processes with torch.distributed, as launched by ``torchrun``: nothing home-made.
+
+``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything runs in one process.
+Backend: nccl on GPUs, gloo on CPUs.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size), initialising the process group on first use under torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_agree(ok: bool) -> bool:
+    """True only if every rank says ok: so one rank's error stops all of them together."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
