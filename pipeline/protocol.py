@@ -64,7 +64,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             for seed in seed_list:
                 if "adip" in chosen_methods:
                     timed("align", jobs.align, **student, holdout=holdout, steps=settings["align_steps"],
-                          per_domain=settings["per_domain"], lr=config.ADIP["lr"], lam=config.ADIP["lam"],
+                          per_domain=settings["per_domain"], lr=settings["align_lr"], lam=config.ADIP["lam"],
                           seed=seed, eval_every=settings["eval_every"], batch_size=128, workers=workers,
                           force=force)
                 for method in chosen_methods:
@@ -75,7 +75,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                               **{**train, "steps": settings["align_steps"]})
                     elif method != "zeroshot":
                         timed("distill", jobs.distill, method=method, holdout=holdout, **student, seed=seed,
-                              cutmix=cutmix, **train)
+                              cutmix=cutmix, hparams={"lr": settings["lr"].get(method)}, **train)
                     models = ["best"]
                     if method in METHODS and METHODS[method].swad_default:
                         models.append("swad")

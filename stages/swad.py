@@ -89,6 +89,8 @@ class LossValley:
         return self.converge_step is not None
 
     def _add(self, segment: Segment) -> None:
+        if self.final.count == 0:  # the first add replaces the converge segment it started from
+            self.segments_used = []
         self.final.add(segment.state)
         self.segments_used.append((segment.start_step, segment.end_step))
 
@@ -109,7 +111,11 @@ class LossValley:
                 return
             self.converge_step = self.converge_q[0].end_step
             self.final = RunningAverage(start=self.converge_q[0].state)
-            self.threshold = sum(losses) / len(losses) * (1.0 + self.tolerance_ratio)
+            self.segments_used = [(self.converge_q[0].start_step, self.converge_q[0].end_step)]
+            base = sum(losses) / len(losses)
+            # the official rule is base * 1.3 for positive losses; abs() keeps the tolerance
+            # above the converged level for VL2V's negative (-cosine) losses too
+            self.threshold = base + abs(base) * self.tolerance_ratio
             if self.n_tolerance < self.n_converge:
                 for s in list(self.converge_q)[1:1 + self.n_converge - self.n_tolerance]:
                     self._add(s)
