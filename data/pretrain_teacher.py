@@ -10,6 +10,7 @@ disjoint from the demo dataset's. Reproduce the shipped checkpoint with
 which writes ``data/demo_teacher/open_clip_model.safetensors`` (float16) in a few minutes on a CPU.
 """
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -54,14 +55,19 @@ def random_crop(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return out.flip(-1) if rng.random() < 0.5 else out
 
 
-def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEED) -> Path:
+def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEED, folder: Path = FOLDER) -> Path:
+    """Train from random weights; write ``folder/open_clip_model.safetensors`` (and the config)."""
     import open_clip
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    name = f"local-dir:{FOLDER}"
-    for old in FOLDER.glob("*.safetensors"):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder != FOLDER:
+        shutil.copy(FOLDER / "open_clip_config.json", folder / "open_clip_config.json")
+    name = f"local-dir:{folder}"
+    for old in folder.glob("*.safetensors"):
         old.unlink()  # start from random weights, not from the previous checkpoint
     model = open_clip.create_model(name)
     tokenizer = open_clip.get_tokenizer(name)
@@ -93,7 +99,7 @@ def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEE
         if step % 100 == 0 or step == steps:
             print(f"step {step}/{steps} loss {loss.item():.3f} ({time.time() - started:.0f} s)", flush=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    path = FOLDER / "open_clip_model.safetensors"
+    path = folder / "open_clip_model.safetensors"
     save_file(state, path)
     return path
 

@@ -22,6 +22,6 @@ REAL = {"teacher": "ViT-B-16", "pretrained": "openai", "student": "resnet50",
 DEMO = {"teacher": DEMO_TEACHER, "pretrained": None, "student": "test_resnet",
         "student_weights": "none", "student_size": 32, "views": 8,
         "steps": 250, "align_steps": 1000, "per_domain": 12, "eval_every": 50,
-        "align_lr": 1e-3, "lr": {"erm": 3e-3, "kd": 3e-3, "adip": 3e-3, "sd": 3e-4, "rise": 3e-2}}
+        "align_lr": 1e-3, "lr": {"erm": 3e-3, "kd": 3e-3, "adip": 3e-3, "sd": 3e-4, "rise": 3e-3}}
 
 DEMO_RUN = Path("runs/demo")
