@@ -9,7 +9,6 @@
 - extraction peak memory for N and 2N images (streaming: it must not grow with N)
 """
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,6 @@ import torch
 
 from data import demo
 from data.images import ReplayImages
-from data.sampling import BalancedViewSampler
 from pipeline import config, jobs, report
 from pipeline.runfolder import RunFolder
 

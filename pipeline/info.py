@@ -1,5 +1,4 @@
 """`pipeline info`: what a run folder holds and which stages are stale."""
-from pathlib import Path
 
 from cache import store
 from pipeline import manifest

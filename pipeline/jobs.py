@@ -6,7 +6,6 @@ import shutil
 import time
 
 import click
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 

@@ -19,7 +19,7 @@ from PIL import Image
 import data
 from cache import store
 from cache.index import read_table, write_table
-from data import demo, views
+from data import demo
 from data.domainbed import TRAIN, VAL, ImageIndex, scan, split_by_hash
 from data.images import BadImage, ExtractionImages, ReplayImages, load_image
 from data.sampling import BalancedViewSampler

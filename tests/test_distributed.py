@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo): sharded extraction and DistributedDataParallel distillation
 give the single-process results."""
+import json
 import os
 import shutil
 import subprocess
@@ -72,9 +73,8 @@ def test_two_process_distill_matches_single_process(runs):
     assert invoke("distill", "--run", single, *DISTILL).exit_code == 0
     torchrun("distill", "--run", double, *DISTILL)
     out = ("distill", "kd", "test_vit_none_32px", "photo", "seed0")
-    logs = [[line for line in run.joinpath(*out, "log.jsonl").read_text().splitlines()] for run in runs]
-    import json
-    for a, b in zip(*([json.loads(line) for line in log[:-1]] for log in logs)):
+    logs = [[json.loads(line) for line in run.joinpath(*out, "log.jsonl").read_text().splitlines()] for run in runs]
+    for a, b in zip(logs[0][:-1], logs[1][:-1]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["source_val_acc"] == a["source_val_acc"]
     a, b = (load_file(run.joinpath(*out, "best.safetensors")) for run in runs)
     # Stated tolerance: the same global batch of 6, split 3 + 3; only the order of the gradient

@@ -1,13 +1,13 @@
 """The cache is exact: it matches running the teacher online on the same replayed views."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from cache.teacher_store import TeacherCache
 from conftest import invoke
 from data.images import ReplayImages
+from stages.prompts import TEMPLATE_SETS
 from stages.teacher import OpenClipTeacher
 
 
@@ -22,7 +22,6 @@ def test_cached_targets_equal_online_teacher_on_replayed_views(extracted, teache
     cached = cache.targets(items)
     # float16 storage of unit vectors: half-precision rounding, nothing more
     assert torch.allclose(cached, online, atol=2e-3, rtol=0)
-    assert torch.equal(cached, online.half().float()) or (cached - online).abs().max() < 2e-3
 
 
 def test_cached_classifier_equals_open_clip_zero_shot_classifier(extracted, teacher_dir):
@@ -30,17 +29,12 @@ def test_cached_classifier_equals_open_clip_zero_shot_classifier(extracted, teac
     cache = TeacherCache(extracted / "extract" / "teacher.h5")
     teacher = OpenClipTeacher(f"local-dir:{teacher_dir}")
     classes = cache.attrs["classes"]
-    for name, templates in (("classifier", ["a photo of a {}."]),
-                            ("rise_classifier", json.loads(json.dumps(_rise_templates())))):
+    for name, templates in (("classifier", list(TEMPLATE_SETS["photo"])),
+                            ("rise_classifier", list(TEMPLATE_SETS["rise7"]))):
         reference = open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, classes, templates,
                                                          device="cpu", use_tqdm=False).T
         cached = cache.classifier if name == "classifier" else cache.text([]).ensemble
         assert torch.allclose(cached, reference.float(), atol=2e-3, rtol=0), name
-
-
-def _rise_templates():
-    from stages.prompts import TEMPLATE_SETS
-    return list(TEMPLATE_SETS["rise7"])
 
 
 def test_cached_and_online_training_follow_the_same_loss_trajectory(run_copy):

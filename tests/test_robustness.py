@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cache.index import read_table
-from conftest import DISTILL, invoke, write_tiny_teacher
+from conftest import invoke, write_tiny_teacher
 
 DATASETS = ("image_emb", "view_params", "status", "text_emb", "classifier", "rise_text_emb",
             "rise_classifier", "anchor_emb")
@@ -212,7 +212,6 @@ def test_unwritable_run_folder(tmp_path, dataset, teacher_dir):
 
 
 def test_full_disk_is_one_line_and_keeps_the_cache(run_copy, monkeypatch):
-    from safetensors import torch as safetensors_torch
     import pipeline.jobs
 
     def full(*args, **kwargs):
