@@ -8,13 +8,15 @@ from pathlib import Path
 import click
 
 from pipeline import config, jobs
+from data.images import BadImage
 from pipeline.errors import UserError
 from pipeline.runfolder import RunFolder
 
 HELD_OUT = click.option("--holdout", required=True, help="The domain left out of training (evaluated as unseen).")
 RUN = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
                    help="Run folder holding every cache and output.")
-WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True,
+POSITIVE = click.IntRange(min=1)
+WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=0),
                        help="DataLoader worker processes that decode and augment images.")
 FORCE = click.option("--force", is_flag=True, help="Recompute even if the stage is up to date.")
 SEED = click.option("--seed", default=0, show_default=True, help="Training seed.")
@@ -28,6 +30,8 @@ class Commands(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BadImage as e:  # an image changed or vanished after extraction
+            raise UserError(f"{e}; the dataset changed since extraction: re-run `pipeline extract`")
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT):
                 raise UserError(f"{e.strerror}: {e.filename or ''}; what was already written is kept "
@@ -50,13 +54,13 @@ def main():
               help="open_clip model name, or local-dir:PATH (config and weights in a folder).")
 @click.option("--pretrained", default=config.REAL["pretrained"], show_default=True,
               help="open_clip pretrained tag, a local checkpoint file, or 'none'.")
-@click.option("--views", default=8, show_default=True, help="Views per image (view 0 = eval view).")
+@click.option("--views", default=8, type=POSITIVE, show_default=True, help="Views per image (view 0 = eval view).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the view sampler.")
 @click.option("--templates", "template_set", default="photo", show_default=True,
               help="Prompt template set: photo, rise7 or styles.")
 @click.option("--val-fraction", default=0.2, show_default=True, help="Per-domain validation fraction.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val split.")
-@click.option("--batch-size", default=64, show_default=True, help="Images per teacher batch.")
+@click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per teacher batch.")
 @WORKERS
 @FORCE
 def extract(data_root, run_dir, teacher, pretrained, views, view_seed, template_set, val_fraction,
@@ -77,7 +81,7 @@ def _none(value):
 @click.option("--student", default=config.REAL["student"], show_default=True, help="timm model name.")
 @click.option("--student-weights", default=config.REAL["student_weights"], show_default=True,
               help="'imagenet' (timm pretrained), 'none' (random init) or a local weights file.")
-@click.option("--student-size", type=int, default=None, help="Student input size (default: the model's).")
+@click.option("--student-size", type=POSITIVE, default=None, help="Student input size (default: the model's).")
 @HELD_OUT
 @click.option("--steps", default=config.ADIP["align_steps"], show_default=True, help="Alignment steps.")
 @PER_DOMAIN
@@ -86,7 +90,7 @@ def _none(value):
               help="Weight of the image-embedding term (1 - lam: the text term).")
 @SEED
 @click.option("--eval-every", default=100, show_default=True, help="Steps between source-val checks.")
-@click.option("--batch-size", default=128, show_default=True, help="Images per feature batch.")
+@click.option("--batch-size", default=128, type=POSITIVE, show_default=True, help="Images per feature batch.")
 @WORKERS
 @FORCE
 def align(run_dir, student, student_weights, student_size, holdout, steps, per_domain, lr, lam, seed,
@@ -108,7 +112,7 @@ def align(run_dir, student, student_weights, student_size, holdout, steps, per_d
                    "Default: the student aligned for this held-out domain.")
 @click.option("--student-weights", default=config.REAL["student_weights"], show_default=True,
               help="'imagenet', 'none' or a weights file (with --student, for erm/kd/rise).")
-@click.option("--student-size", type=int, default=None, help="Student input size (with --student).")
+@click.option("--student-size", type=POSITIVE, default=None, help="Student input size (with --student).")
 @click.option("--steps", default=config.ADIP["steps"], show_default=True, help="Training steps.")
 @PER_DOMAIN
 @SEED
@@ -174,12 +178,12 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
 @click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
 @click.option("--student", default=None, help="timm model name.")
 @click.option("--student-weights", default=None, help="imagenet, none or a weights file.")
-@click.option("--student-size", type=int, default=None, help="Student input size.")
-@click.option("--views", type=int, default=None, help="Views per image.")
-@click.option("--steps", type=int, default=None, help="Training steps per method, held-out domain and seed.")
-@click.option("--align-steps", type=int, default=None, help="Alignment steps (adip).")
-@click.option("--per-domain", type=int, default=None, help="Images per source domain per step.")
-@click.option("--eval-every", type=int, default=None, help="Steps between source-val checks.")
+@click.option("--student-size", type=POSITIVE, default=None, help="Student input size.")
+@click.option("--views", type=POSITIVE, default=None, help="Views per image.")
+@click.option("--steps", type=POSITIVE, default=None, help="Training steps per method, held-out domain and seed.")
+@click.option("--align-steps", type=POSITIVE, default=None, help="Alignment steps (adip).")
+@click.option("--per-domain", type=POSITIVE, default=None, help="Images per source domain per step.")
+@click.option("--eval-every", type=POSITIVE, default=None, help="Steps between source-val checks.")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
 @WORKERS
 @FORCE
@@ -203,12 +207,12 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
 @click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
 @click.option("--student", default="test_resnet", show_default=True, help="timm model name.")
 @click.option("--student-weights", default="none", show_default=True, help="imagenet, none or a file.")
-@click.option("--student-size", default=64, show_default=True, help="Student input size.")
-@click.option("--images", default=400, show_default=True, help="Images in the benchmark dataset.")
-@click.option("--views", default=4, show_default=True, help="Views per image.")
-@click.option("--batch-size", default=32, show_default=True, help="Teacher batch size.")
-@click.option("--per-domain", default=16, show_default=True, help="Images per source domain per step.")
-@click.option("--steps", default=40, show_default=True, help="Training steps timed.")
+@click.option("--student-size", default=64, type=POSITIVE, show_default=True, help="Student input size.")
+@click.option("--images", default=400, type=POSITIVE, show_default=True, help="Images in the benchmark dataset.")
+@click.option("--views", default=4, type=POSITIVE, show_default=True, help="Views per image.")
+@click.option("--batch-size", default=32, type=POSITIVE, show_default=True, help="Teacher batch size.")
+@click.option("--per-domain", default=16, type=POSITIVE, show_default=True, help="Images per source domain per step.")
+@click.option("--steps", default=40, type=POSITIVE, show_default=True, help="Training steps timed.")
 @WORKERS
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
 def bench(teacher, pretrained, student, student_weights, student_size, images, views, batch_size, per_domain,

@@ -30,6 +30,7 @@ from stages.methods import METHODS
 from stages.predict import device
 from stages.prompts import templates as template_set_named
 from stages.student import create_backbone, feature_dim, student_key
+from stages.teacher import checkpoint_fingerprint
 
 CACHE_METHODS = ("zeroshot", "probe")  # the teacher itself, from the cache: no student
 ALL_METHODS = (*CACHE_METHODS, *METHODS)
@@ -72,7 +73,7 @@ def extract(run: RunFolder, data_root, *, teacher: str, pretrained, views: int, 
     config = {"teacher": teacher, "pretrained": pretrained, "views": views, "view_seed": view_seed,
               "templates": template_set, "val_fraction": val_fraction, "split_seed": split_seed,
               "augment": augment.to_dict()}
-    inputs = {"dataset": index.fingerprint}
+    inputs = {"dataset": index.fingerprint, "teacher_weights": checkpoint_fingerprint(teacher, pretrained)}
     reason = manifest.why_stale(run.extract, config, inputs)
     if reason is None and not force:
         say(f"extract: up to date ({len(index)} images, {views} views, teacher {teacher}); --force recomputes")
@@ -158,8 +159,10 @@ def align(run: RunFolder, *, student: str, student_weights: str, student_size, h
           batch_size: int, workers: int, force: bool) -> str:
     """Cache the frozen student's features (once per student) and align for ``holdout``."""
     _check_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
+    _check_rates({"lr": lr})
     index = run.load_index()
     sources = index.check_holdout(holdout)
+    _source_val_rows(index, sources)
     teacher_input = _teacher_input(run)
     key = student_key(student, student_weights, student_size)
     features_dir = run.features(key)
@@ -193,7 +196,7 @@ def align(run: RunFolder, *, student: str, student_weights: str, student_size, h
     train_rows = [index.rows([d], domainbed.TRAIN) for d in sources]
     started = time.time()
     state, log = align_stage.align(features, cache.image_emb, cache.classifier, labels, train_rows,
-                                   index.rows(sources, domainbed.VAL), steps=steps, per_domain=per_domain,
+                                   _source_val_rows(index, sources), steps=steps, per_domain=per_domain,
                                    lr=lr, weight_decay=ADIP["weight_decay"], lam=lam, seed=seed,
                                    eval_every=eval_every)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +208,21 @@ def align(run: RunFolder, *, student: str, student_weights: str, student_size, h
     say(f"align: held-out '{holdout}': best source-val accuracy {summary['best_source_val_acc']:.3f} "
         f"at step {summary['best_step']} ({summary['seconds']} s)")
     return key
+
+
+def _source_val_rows(index, sources: list):
+    rows = index.rows(sources, domainbed.VAL)
+    if not len(rows):
+        raise UserError("the source domains have no validation images; extract with a larger --val-fraction")
+    return rows
+
+
+def _check_rates(hparams: dict) -> None:
+    for name, value in hparams.items():
+        if value is None:
+            continue
+        if (name == "lr" and value < 0) or (name == "temperature" and value <= 0):
+            raise UserError(f"--{name} must be {'non-negative' if name == 'lr' else 'positive'}, got {value}")
 
 
 def _check_positive(**values) -> None:
@@ -272,8 +290,10 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
     _check_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
     if not 0.0 <= cutmix <= 1.0:
         raise UserError(f"--cutmix is a probability in [0, 1], got {cutmix}")
+    _check_rates(hparams or {})
     index = run.load_index()
     sources = index.check_holdout(holdout)
+    val_rows = _source_val_rows(index, sources)
     key, info = _student_for(run, method, holdout, student, student_weights, student_size)
     inputs = _teacher_input(run)
     if method == "adip":
@@ -290,12 +310,11 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
     if manifest.why_stale(out, config, inputs) is None and not force:
         say(f"distill: {method} up to date for held-out '{holdout}' ({key}, seed {seed}); --force recomputes")
         return key
-    manifest.invalidate(out)
     cache = TeacherCache(run.teacher_store)
     train_rows = [index.rows([d], domainbed.TRAIN) for d in sources]
-    val_rows = index.rows(sources, domainbed.VAL)
     started = time.time()
     if method == "probe":
+        manifest.invalidate(out)
         state, log = probe_stage.train_probe(cache.image_emb, torch.as_tensor(index.label), train_rows, val_rows,
                                              steps=steps, per_domain=per_domain, seed=seed,
                                              eval_every=eval_every, **hparams)
@@ -313,6 +332,7 @@ def distill(run: RunFolder, *, method: str, holdout: str, student: str | None = 
             f"{steps} steps of {per_domain} images per domain{', SWAD' if use_swad else ''}"
             f"{f', CutMix p={cutmix}' if cutmix else ''}")
         out.mkdir(parents=True, exist_ok=True)
+        manifest.invalidate(out)  # only now: a failed check above leaves the finished result intact
         resume = out / "resume.pt"
         if force:
             resume.unlink(missing_ok=True)
@@ -371,7 +391,6 @@ def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None =
     out = run.evaluate(label, key, holdout, seed)
     if manifest.why_stale(out, {}, inputs) is None and not force:
         return json.loads((out / "metrics.json").read_text())
-    manifest.invalidate(out)
     cache = TeacherCache(run.teacher_store)
     if method == "zeroshot":
         metrics = evaluate_stage.evaluate_cached(
@@ -392,6 +411,7 @@ def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None =
               "pretrained": cache_attrs["pretrained"], "holdout": holdout, "seed": seed, **metrics,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out.mkdir(parents=True, exist_ok=True)
+    manifest.invalidate(out)
     _write_json(out / "metrics.json", result)
     manifest.write(out, {}, inputs, ["metrics.json"])
     with open(run.results, "a") as f:

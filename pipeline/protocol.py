@@ -57,13 +57,14 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                    "student_size": settings["student_size"]}
         train = {"steps": settings["steps"], "per_domain": settings["per_domain"],
                  "eval_every": settings["eval_every"], "workers": workers, "force": force}
-        official = 0
+        official, results = 0, []
         for holdout in chosen:
             jobs.say(f"run: held-out domain '{holdout}'")
             n_sources = len(index.domains) - 1
             for seed in seed_list:
+                key = None  # this run's student, so other students in the run folder are never mixed in
                 if "adip" in chosen_methods:
-                    timed("align", jobs.align, **student, holdout=holdout, steps=settings["align_steps"],
+                    key = timed("align", jobs.align, **student, holdout=holdout, steps=settings["align_steps"],
                           per_domain=settings["per_domain"], lr=settings["align_lr"], lam=config.ADIP["lam"],
                           seed=seed, eval_every=settings["eval_every"], batch_size=128, workers=workers,
                           force=force)
@@ -74,15 +75,18 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                         timed("distill", jobs.distill, method=method, holdout=holdout, seed=seed,
                               **{**train, "steps": settings["align_steps"]})
                     elif method != "zeroshot":
-                        timed("distill", jobs.distill, method=method, holdout=holdout, **student, seed=seed,
-                              cutmix=cutmix, hparams={"lr": settings["lr"].get(method)}, **train)
+                        trained = timed("distill", jobs.distill, method=method, holdout=holdout,
+                                        **{**student, "student": key if method == "adip" else student["student"]},
+                                        seed=seed, cutmix=cutmix, hparams={"lr": settings["lr"].get(method)}, **train)
+                        key = trained if method not in ("sd", "probe") else key
                     models = ["best"]
                     if method in METHODS and METHODS[method].swad_default:
                         models.append("swad")
                     for model in models:
                         result = timed("evaluate", jobs.evaluate, method=method, holdout=holdout,
-                                       student=settings["student"] if method not in ("sd", "probe") else None,
+                                       student=key if method not in ("sd", "probe") else None,
                                        seed=seed, model=model, workers=workers, force=force)
+                        results.append(result)
                         jobs.say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
                                  f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
                     official += report.official_teacher_forwards(
@@ -93,7 +97,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             labels.append(m)
             if m in METHODS and METHODS[m].swad_default:
                 labels.append(m + " +SWAD")
-        table = report.summarize(report.load_results(run.results), labels, chosen)
+        table = report.summarize(results, labels, chosen)  # this run's results only
         ours = manifest.load(run.extract)["summary"].get("teacher_image_forwards", 0)
         footer = (f"\nTeacher image forwards: {ours:,} in this run (one extraction); the official "
                   f"online-teacher code would use {official:,} for the same protocol "

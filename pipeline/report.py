@@ -1,18 +1,7 @@
 """The results table (markdown, and a PNG bar chart) and the teacher-forward accounting."""
-import json
 import math
 
 import numpy as np
-
-
-def load_results(path) -> list:
-    """Every result, the latest per (method, model, student, holdout, seed)."""
-    latest = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            latest[(r["method"], r.get("model", "best"), r["student"], r["holdout"], r["seed"])] = r
-    return list(latest.values())
 
 
 def row_label(result: dict) -> str:

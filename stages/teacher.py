@@ -56,13 +56,7 @@ class OpenClipTeacher:
                 "preprocess": self.input_spec.to_dict()}
 
     def _checkpoint_hash(self) -> str:
-        if self.name.startswith("local-dir:"):
-            folder = Path(self.name[len("local-dir:"):])
-            files = sorted(p for p in folder.iterdir() if p.is_file())
-            return sha256_json({p.name: sha256_file(p) for p in files})
-        if self.pretrained and os.path.isfile(self.pretrained):
-            return sha256_file(self.pretrained)
-        return f"tag:{self.pretrained}"  # an open_clip release tag names fixed weights
+        return checkpoint_fingerprint(self.name, self.pretrained)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -74,6 +68,17 @@ class OpenClipTeacher:
     def encode_texts(self, texts: list) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+
+
+def checkpoint_fingerprint(name: str, pretrained: str | None) -> str:
+    """The teacher's weights, without loading them: file hashes, or the release tag."""
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        return sha256_json({p.name: sha256_file(p) for p in files})
+    if pretrained and os.path.isfile(pretrained):
+        return sha256_file(pretrained)
+    return f"tag:{pretrained}"  # an open_clip release tag names fixed weights
 
 
 def text_classifier(per_template: torch.Tensor) -> torch.Tensor:

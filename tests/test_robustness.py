@@ -271,3 +271,47 @@ def test_killed_distill_resumes_to_the_same_weights(run_copy, tmp_path, monkeypa
 
     assert without_times((out / "log.jsonl").read_text()) == without_times(log)
     assert not (out / "resume.pt").exists()
+
+
+def test_options_out_of_range_are_usage_errors(run_copy):
+    for args in (("--workers", "-1"), ("--batch-size", "0"), ("--student-size", "-5")):
+        result = invoke("align", "--run", run_copy, "--holdout", "photo", "--student", "test_resnet",
+                        "--student-weights", "none", *args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+    result = invoke("distill", "--run", run_copy, "--holdout", "photo", "--method", "erm", "--student", "test_resnet",
+                    "--student-weights", "none", "--lr", "-1")
+    assert result.exit_code == 2 and "--lr must be non-negative" in result.output
+
+
+def test_no_source_validation_images_is_a_clear_error(tmp_path, teacher_dir, dataset):
+    run = tmp_path / "run"
+    assert invoke("extract", "--data", dataset, "--run", run, "--teacher", f"local-dir:{teacher_dir}",
+                  "--views", 2, "--workers", 0, "--val-fraction", 0).exit_code == 0
+    result = invoke("align", "--run", run, "--holdout", "photo", "--student", "test_resnet",
+                    "--student-weights", "none", "--student-size", 32, "--steps", 2, "--workers", 0)
+    assert result.exit_code == 2 and "no validation images" in result.output
+
+
+def test_image_removed_after_extraction_is_a_clear_error(run_copy, tmp_path):
+    from cache.index import write_table
+    columns, metadata = read_table(run_copy / "extract" / "index.parquet")
+    data = tmp_path / "data"
+    shutil.copytree(metadata["root"], data)
+    (data / columns["path"][0]).unlink()
+    write_table(run_copy / "extract" / "index.parquet", columns, {**metadata, "root": str(data)})
+    result = invoke("align", "--run", run_copy, "--holdout", "photo", "--student", "test_resnet",
+                    "--student-weights", "none", "--student-size", 32, "--steps", 2, "--workers", 0)
+    assert result.exit_code == 2 and "dataset changed since extraction" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_teacher_weights_changed_in_place_are_noticed(tmp_path, dataset):
+    teacher = write_tiny_teacher(tmp_path / "t", seed=4)
+    command = ("extract", "--data", dataset, "--run", tmp_path / "run", "--teacher", f"local-dir:{teacher}",
+               "--views", 2, "--workers", 0)
+    assert invoke(*command).exit_code == 0
+    shutil.rmtree(teacher)
+    write_tiny_teacher(teacher, seed=5)  # new weights, same folder
+    result = invoke(*command)
+    assert "up to date" not in result.output
+    assert result.exit_code == 2 and "different checkpoint_sha256" in result.output
