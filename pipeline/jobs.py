@@ -380,7 +380,7 @@ def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None =
         key, model = "teacher", "cache"
     else:
         key = _student_for(run, method, holdout, student, "", None)[0] if method in ("probe", "sd") \
-            else _trained_key(run, method, holdout, student, seed)
+            else run.trained_student(method, holdout, student, seed)
         weights = run.distill(method, key, holdout, seed) / f"{model}.safetensors"
         digest = manifest.output_hash(run.root, run.rel(weights))
         if digest is None:
@@ -418,17 +418,3 @@ def evaluate(run: RunFolder, *, method: str, holdout: str, student: str | None =
         f.write(json.dumps(result) + "\n")
     return result
 
-
-def _trained_key(run: RunFolder, method: str, holdout: str, student: str | None, seed: int) -> str:
-    """The student key of a finished ``method`` run for ``holdout``/``seed``."""
-    base = run.root / "distill" / method
-    keys = sorted(p.parents[2].name for p in base.glob(f"*/{holdout}/seed{seed}/manifest.json")) \
-        if base.exists() else []
-    if student:
-        keys = [k for k in keys if k == student or k.startswith(student + "_")]
-    if len(keys) == 1:
-        return keys[0]
-    if not keys:
-        raise UserError(f"no trained {method} model for held-out '{holdout}', seed {seed} in {run.root}; run "
-                        f"`pipeline distill --run {run.root} --method {method} --holdout {holdout}` first")
-    raise UserError(f"several {method} students for '{holdout}': {', '.join(keys)}; pick one with --student")

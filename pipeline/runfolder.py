@@ -66,23 +66,37 @@ class RunFolder:
                             f"--run {self.root}` first")
         return ImageIndex.from_columns(*read_table(self.index_path))
 
-    def aligned_students(self, holdout: str) -> list:
-        """Student keys that have a finished alignment for ``holdout``."""
-        base = self.root / "align"
-        return sorted(p.parent.parent.name for p in base.glob(f"*/{holdout}/manifest.json")) if base.exists() else []
+    def _finished_students(self, pattern: str, position: int) -> list:
+        """Student keys of finished stages: path part ``position`` of each manifest matching ``pattern``."""
+        return sorted(p.relative_to(self.root).parts[position] for p in self.root.glob(pattern))
 
-    def resolve_student(self, holdout: str, student: str | None) -> str:
-        """The student key for ``holdout``: the only aligned one, or the one matching ``student``."""
-        keys = self.aligned_students(holdout)
+    @staticmethod
+    def _pick_student(keys: list, student: str | None, missing: str, several: str) -> str:
+        """The only key, or the one matching ``student`` (a key or a model name)."""
         if student:
             keys = [k for k in keys if k == student or k.startswith(student + "_")]
         if not keys:
-            raise UserError(f"no finished alignment for held-out domain '{holdout}'"
-                            f"{' and student ' + student if student else ''} in {self.root}; "
-                            f"run `pipeline align --run {self.root} --student NAME --holdout {holdout}` first")
+            raise UserError(missing)
         if len(keys) > 1:
-            raise UserError(f"several aligned students for '{holdout}': {', '.join(keys)}; pick one with --student")
+            raise UserError(f"{several}: {', '.join(keys)}; pick one with --student")
         return keys[0]
+
+    def resolve_student(self, holdout: str, student: str | None) -> str:
+        """The student key aligned for ``holdout``."""
+        return self._pick_student(
+            self._finished_students(f"align/*/{holdout}/manifest.json", 1), student,
+            missing=f"no finished alignment for held-out domain '{holdout}'"
+                    f"{' and student ' + student if student else ''} in {self.root}; "
+                    f"run `pipeline align --run {self.root} --student NAME --holdout {holdout}` first",
+            several=f"several aligned students for '{holdout}'")
+
+    def trained_student(self, method: str, holdout: str, student: str | None, seed: int) -> str:
+        """The student key of a finished ``method`` run for ``holdout`` and ``seed``."""
+        return self._pick_student(
+            self._finished_students(f"distill/{method}/*/{holdout}/seed{seed}/manifest.json", 2), student,
+            missing=f"no trained {method} model for held-out '{holdout}', seed {seed} in {self.root}; run "
+                    f"`pipeline distill --run {self.root} --method {method} --holdout {holdout}` first",
+            several=f"several {method} students for '{holdout}'")
 
     @contextmanager
     def writing(self):
