@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cache.fingerprint import sha256_json, stable_int
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TRAIN, VAL = "train", "val"
@@ -61,6 +61,14 @@ class ImageIndex:
         if len(self.domains) < 2:
             raise UserError("leave-one-domain-out needs at least two domains")
         return [d for d in self.domains if d != holdout]
+
+    def sources(self, holdout: str) -> tuple[list, list, np.ndarray]:
+        """(source domains, their training rows per domain, their pooled validation rows)."""
+        sources = self.check_holdout(holdout)
+        val_rows = self.rows(sources, VAL)
+        if not len(val_rows):
+            raise UserError("the source domains have no validation images; extract with a larger --val-fraction")
+        return sources, [self.rows([d], TRAIN) for d in sources], val_rows
 
     def to_columns(self) -> tuple[dict, dict]:
         columns = {

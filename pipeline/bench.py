@@ -20,8 +20,13 @@ import torch
 
 from data import demo
 from data.images import ReplayImages
-from pipeline import config, jobs, report
+from cache.teacher_cache import TeacherCache
+from pipeline import config
 from pipeline.runfolder import RunFolder
+from stages import align as align_stage, distill as distill_stage, stage
+from stages.extract import VIEWS, Extract
+from stages.methods import BENCH_METHOD, DEFAULT_METHOD, METHODS, Batch
+from stages.student import create_backbone, feature_dim
 
 TARGETS = {"extract_efficiency": (">=", 0.90), "cached_step_overhead": ("<=", 1.10),
            "online_fraction_of_ideal": (">=", 0.95), "align_speedup": (">=", 100.0)}
@@ -55,11 +60,6 @@ def _peak_rss_mb(data, run, teacher, pretrained, views, batch_size, workers) -> 
 
 def bench(*, teacher: str, pretrained, student: str, student_weights: str, student_size: int,
           images: int, views: int, batch_size: int, per_domain: int, steps: int, workers: int) -> dict:
-    from stages.methods import METHODS
-    from stages.student import create_backbone, feature_dim
-    from stages import align as align_stage, distill as distill_stage
-    from cache.teacher_store import TeacherCache
-
     torch.manual_seed(0)
     results = {"settings": {"teacher": teacher, "student": student, "student_size": student_size,
                             "images": images, "views": views, "batch_size": batch_size,
@@ -73,15 +73,13 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         run = RunFolder(tmp / "run")
         with run.writing():
             started = time.perf_counter()
-            jobs.extract(run, data, teacher=teacher, pretrained=pretrained, views=views, view_seed=0,
-                         template_set="photo", val_fraction=0.2, split_seed=0, batch_size=batch_size,
-                         workers=workers, force=False)
-        summary = json.loads((run.extract / "manifest.json").read_text())["summary"]
+            summary = stage.run(Extract(run, data, teacher=teacher, pretrained=pretrained, views=views,
+                                        batch_size=batch_size, workers=workers))
         n_images = summary["images"]
         extract_ips = n_images / summary["seconds"]
-        cache = TeacherCache(run.teacher_store)
+        cache = TeacherCache(run.teacher_cache)
         index = run.load_index()
-        model = jobs._cached_teacher(cache)
+        model = distill_stage.cached_teacher(cache)
 
         # The teacher alone, on tensors already decoded and preprocessed: images (all K views) per second.
         dataset = ReplayImages(index.root, index.paths, cache.view_params, model.input_spec)
@@ -101,12 +99,12 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
 
         def new_trainer():
             net, _ = create_backbone(student, student_weights, student_size)
-            return METHODS["kd"](METHODS["kd"].build(net, feature_dim(net), text), text, steps)
+            method = METHODS[BENCH_METHOD]
+            return method(method.build(net, feature_dim(net), text), text, steps)
 
         trainer = new_trainer()
         student_px = torch.stack([ReplayImages(index.root, index.paths, cache.view_params, spec)[i][1]
                                   for i in range(step_batch)])
-        from stages.methods import Batch
         batch = Batch(student_px, torch.zeros(step_batch, dtype=torch.long), cache.targets(torch.arange(step_batch)))
         t_student = _time(lambda: trainer.update(batch), 5)
         t_teacher_step = _time(lambda: model.encode_images(teacher_pixels[:step_batch]), 5)
@@ -114,7 +112,7 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         def train(online: bool) -> float:
             replay = ReplayImages(index.root, index.paths, cache.view_params, spec,
                                   teacher_spec=model.input_spec if online else None)
-            _, log = distill_stage.distill(new_trainer(), replay, cache, index.label, train_rows, val_rows,
+            _, log = distill_stage.train(new_trainer(), replay, cache, index.label, train_rows, val_rows,
                                            steps=steps, per_domain=per_domain, eval_every=steps, workers=workers,
                                            online=distill_stage.OnlineTargets(model) if online else None)
             return log[-1]["train_seconds_per_step"]
@@ -142,14 +140,14 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         results.update(align_cached_step_s=round(cached_align, 6), align_online_step_s=round(online_align, 5),
                        align_speedup=round(online_align / cached_align, 1))
 
-        # Teacher forwards for a full leave-one-domain-out adip run with the default protocol.
-        n_domains = len(index.domains)
-        official = n_domains * report.official_teacher_forwards(
-            "adip", steps=config.ADIP["steps"], align_steps=config.ADIP["align_steps"],
-            batch=config.ADIP["per_domain"] * (n_domains - 1))
-        results.update(teacher_forwards=n_images * 8, teacher_forwards_official=official,
-                       teacher_forwards_note=f"{n_images} images x 8 views, once; official: {n_domains} held-out "
-                                             f"domains x (5001 align + 5001 distill steps) x 32 x {n_domains - 1}")
+        # Teacher forwards for a full leave-one-domain-out run of the default method, default protocol.
+        n_domains, real = len(index.domains), config.REAL
+        official = n_domains * METHODS[DEFAULT_METHOD].official_teacher_forwards(
+            steps=real["steps"], align_steps=real["align_steps"], batch=real["per_domain"] * (n_domains - 1))
+        results.update(teacher_forwards=n_images * VIEWS, teacher_forwards_official=official,
+                       teacher_forwards_note=f"{n_images} images x {VIEWS} views, once; official: {n_domains} "
+                                             f"held-out domains x ({real['align_steps']} align + {real['steps']} "
+                                             f"distill steps) x {real['per_domain']} x {n_domains - 1}")
 
         # Streaming: peak memory of extraction for N and 2N images.
         big = demo.generate(tmp / "data2", per_class=2 * per_class)

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import click
 
-from pipeline import config, jobs
+from cache.errors import UserError
 from data.images import BadImage
-from pipeline.errors import UserError
+from pipeline import config
 from pipeline.runfolder import RunFolder
+from stages import stage
+from stages.align import run_alignment
+from stages.distill import Distill
+from stages.evaluate import Evaluate
+from stages.extract import VIEWS, Extract
+from stages.methods import ALIGN_HPARAMS, DEFAULT_METHOD, HPARAM_HELP, METHODS, all_hparams
 
 HELD_OUT = click.option("--holdout", required=True, help="The domain left out of training (evaluated as unseen).")
 RUN = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
@@ -20,23 +26,41 @@ WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_de
                        help="DataLoader worker processes that decode and augment images.")
 FORCE = click.option("--force", is_flag=True, help="Recompute even if the stage is up to date.")
 SEED = click.option("--seed", default=0, show_default=True, help="Training seed.")
-PER_DOMAIN = click.option("--per-domain", default=config.ADIP["per_domain"], show_default=True,
+PER_DOMAIN = click.option("--per-domain", default=config.REAL["per_domain"], show_default=True,
                           help="Images per source domain in each step.")
 
 
+class Failure(click.ClickException):
+    """What the user must act on: one line ``Error: ...``, exit code 2, never a traceback."""
+
+    exit_code = 2
+
+
 class Commands(click.Group):
-    """Turns environment failures (disk full, read-only or unwritable folder) into one line, exit 2."""
+    """Turns user errors and environment failures (disk full, read-only or unwritable folder)
+    into one line with exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except UserError as e:
+            raise Failure(str(e))
         except BadImage as e:  # an image changed or vanished after extraction
-            raise UserError(f"{e}; the dataset changed since extraction: re-run `pipeline extract`")
+            raise Failure(f"{e}; the dataset changed since extraction: re-run `pipeline extract`")
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT):
-                raise UserError(f"{e.strerror}: {e.filename or ''}; what was already written is kept "
-                                f"(re-run the same command to continue)")
+                raise Failure(f"{e.strerror}: {e.filename or ''}; what was already written is kept "
+                              f"(re-run the same command to continue)")
             raise
+
+
+def hparam_options(command):
+    """One option per method hyperparameter, its help listing each method's default."""
+    for name, defaults in reversed(list(all_hparams().items())):
+        per_method = ", ".join(f"{m} {v:g}" for m, v in defaults.items())
+        command = click.option(f"--{name.replace('_', '-')}", name, type=float, default=None,
+                               help=f"{HPARAM_HELP[name]} Default: {per_method}.")(command)
+    return command
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +78,7 @@ def main():
               help="open_clip model name, or local-dir:PATH (config and weights in a folder).")
 @click.option("--pretrained", default=config.REAL["pretrained"], show_default=True,
               help="open_clip pretrained tag, a local checkpoint file, or 'none'.")
-@click.option("--views", default=8, type=POSITIVE, show_default=True, help="Views per image (view 0 = eval view).")
+@click.option("--views", default=VIEWS, type=POSITIVE, show_default=True, help="Views per image (view 0 = eval view).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the view sampler.")
 @click.option("--templates", "template_set", default="photo", show_default=True,
               help="Prompt template set: photo, rise7 or styles.")
@@ -67,9 +91,9 @@ def extract(data_root, run_dir, teacher, pretrained, views, view_seed, template_
             split_seed, batch_size, workers, force):
     """Cache the teacher's embeddings of K views of every image and of every class prompt."""
     with RunFolder(run_dir).writing() as run:
-        jobs.extract(run, data_root, teacher=teacher, pretrained=_none(pretrained), views=views,
-                     view_seed=view_seed, template_set=template_set, val_fraction=val_fraction,
-                     split_seed=split_seed, batch_size=batch_size, workers=workers, force=force)
+        stage.run(Extract(run, data_root, teacher=teacher, pretrained=_none(pretrained), views=views,
+                          view_seed=view_seed, template_set=template_set, val_fraction=val_fraction,
+                          split_seed=split_seed, batch_size=batch_size, workers=workers), force)
 
 
 def _none(value):
@@ -83,11 +107,10 @@ def _none(value):
               help="'imagenet' (timm pretrained), 'none' (random init) or a local weights file.")
 @click.option("--student-size", type=POSITIVE, default=None, help="Student input size (default: the model's).")
 @HELD_OUT
-@click.option("--steps", default=config.ADIP["align_steps"], show_default=True, help="Alignment steps.")
+@click.option("--steps", default=config.REAL["align_steps"], show_default=True, help="Alignment steps.")
 @PER_DOMAIN
-@click.option("--lr", default=config.ADIP["lr"], show_default=True, help="Adam learning rate.")
-@click.option("--lam", default=config.ADIP["lam"], show_default=True,
-              help="Weight of the image-embedding term (1 - lam: the text term).")
+@click.option("--lr", default=ALIGN_HPARAMS["lr"], show_default=True, help="Adam learning rate.")
+@click.option("--lam", default=ALIGN_HPARAMS["lam"], show_default=True, help=HPARAM_HELP["lam"])
 @SEED
 @click.option("--eval-every", default=100, show_default=True, help="Steps between source-val checks.")
 @click.option("--batch-size", default=128, type=POSITIVE, show_default=True, help="Images per feature batch.")
@@ -97,58 +120,54 @@ def align(run_dir, student, student_weights, student_size, holdout, steps, per_d
           eval_every, batch_size, workers, force):
     """Fit the projection from the frozen student's (cached) features to the teacher's space."""
     with RunFolder(run_dir).writing() as run:
-        jobs.align(run, student=student, student_weights=student_weights, student_size=student_size,
-                   holdout=holdout, steps=steps, per_domain=per_domain, lr=lr, lam=lam, seed=seed,
-                   eval_every=eval_every, batch_size=batch_size, workers=workers, force=force)
+        run_alignment(run, student=student, student_weights=student_weights, student_size=student_size,
+                      holdout=holdout, steps=steps, per_domain=per_domain, lr=lr, lam=lam, seed=seed,
+                      eval_every=eval_every, batch_size=batch_size, workers=workers, force=force)
+
+
+
+TRAINED = [m for m, cls in METHODS.items() if cls.trains]
 
 
 @main.command()
 @RUN
-@click.option("--method", default="adip", show_default=True,
-              help="adip, sd, rise, kd, erm, or probe (linear probe on cached teacher embeddings).")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, type=click.Choice(TRAINED),
+              help="The method to train.")
 @HELD_OUT
 @click.option("--student", default=None,
-              help="timm model name (erm/kd/rise); for adip, picks among aligned students. "
-                   "Default: the student aligned for this held-out domain.")
+              help="timm model name; for methods that start from an alignment, picks among the aligned "
+                   "students. Default: the student aligned for this held-out domain.")
 @click.option("--student-weights", default=config.REAL["student_weights"], show_default=True,
-              help="'imagenet', 'none' or a weights file (with --student, for erm/kd/rise).")
+              help="'imagenet', 'none' or a weights file (with --student).")
 @click.option("--student-size", type=POSITIVE, default=None, help="Student input size (with --student).")
-@click.option("--steps", default=config.ADIP["steps"], show_default=True, help="Training steps.")
+@click.option("--steps", default=config.REAL["steps"], show_default=True, help="Training steps.")
 @PER_DOMAIN
 @SEED
-@click.option("--eval-every", default=500, show_default=True, help="Steps between source-val checks.")
-@click.option("--lr", type=float, default=None, help="Learning rate (default: the method's: 5e-5 Adam; rise 1e-3 SGD).")
-@click.option("--lam", type=float, default=None, help="adip/sd: weight of the image term (default 0.5).")
-@click.option("--temperature", type=float, default=None, help="kd/rise: distillation temperature (4 / 3).")
-@click.option("--alpha", type=float, default=None, help="kd: weight of the KD term (default 0.5).")
-@click.option("--w-kd", type=float, default=None, help="rise: KD weight (default 0.9).")
-@click.option("--w-ce", type=float, default=None, help="rise: cross-entropy weight (default 0.1).")
-@click.option("--w-dist", type=float, default=None, help="rise: AD + RD weight (default 1.0).")
+@click.option("--eval-every", default=config.REAL["eval_every"], show_default=True,
+              help="Steps between source-val checks.")
+@hparam_options
 @click.option("--anchors", type=click.Choice(["domains", "generic"]), default="domains", show_default=True,
-              help="rise: relative-distance anchors: source-domain names, or bright/corrupted/dark/good photo.")
+              help="RISE's relative-distance anchors: source-domain names, or bright/corrupted/dark/good photo.")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
-@click.option("--swad/--no-swad", default=None, help="SWAD weight averaging (default: on for adip and sd).")
+@click.option("--swad/--no-swad", default=None, help="SWAD weight averaging (default: the method's).")
 @click.option("--teacher-online", is_flag=True,
               help="Run the teacher on every replayed view instead of reading the cache (the reference).")
 @WORKERS
 @FORCE
 def distill(run_dir, method, holdout, student, student_weights, student_size, steps, per_domain, seed,
-            eval_every, lr, lam, temperature, alpha, w_kd, w_ce, w_dist, anchors, cutmix, swad, teacher_online,
-            workers, force):
+            eval_every, anchors, cutmix, swad, teacher_online, workers, force, **hparams):
     """Train a student on replayed views against the cached teacher embeddings."""
-    hparams = {"lr": lr, "lam": lam, "temperature": temperature, "alpha": alpha, "w_kd": w_kd,
-               "w_ce": w_ce, "w_dist": w_dist}
     with RunFolder(run_dir).writing() as run:
-        jobs.distill(run, method=method, holdout=holdout, student=student, student_weights=student_weights,
-                     student_size=student_size, steps=steps, per_domain=per_domain, seed=seed,
-                     eval_every=eval_every, workers=workers, force=force, hparams=hparams, cutmix=cutmix,
-                     swad=swad, anchors=anchors, teacher_online=teacher_online)
+        stage.run(Distill(run, method, holdout, student=student, student_weights=student_weights,
+                          student_size=student_size, steps=steps, per_domain=per_domain, seed=seed,
+                          eval_every=eval_every, workers=workers, hparams=hparams, cutmix=cutmix, swad=swad,
+                          anchors=anchors, teacher_online=teacher_online), force)
 
 
 @main.command()
 @RUN
-@click.option("--method", default="adip", show_default=True,
-              help="adip, sd, rise, kd, erm, probe, or zeroshot (the teacher, from the cache).")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, type=click.Choice(list(METHODS)),
+              help="The method to evaluate.")
 @HELD_OUT
 @click.option("--student", default=None, help="Student name or key, if several were trained.")
 @click.option("--model", default="best", show_default=True,
@@ -159,8 +178,8 @@ def distill(run_dir, method, holdout, student, student_weights, student_size, st
 def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
     """Per-domain accuracy; appends one JSON object to RUN/results.jsonl."""
     with RunFolder(run_dir).writing() as run:
-        result = jobs.evaluate(run, method=method, holdout=holdout, student=student, seed=seed, model=model,
-                               workers=workers, force=force)
+        result = stage.run(Evaluate(run, method, holdout, student=student, seed=seed, model=model,
+                                    workers=workers), force, quiet=True)
     click.echo(json.dumps({k: result[k] for k in ("method", "model", "holdout", "seed", "holdout_acc",
                                                    "source_val_acc", "accuracy", "split")}))
 
@@ -171,7 +190,9 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
 @click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
               help=f"Run folder. Default: {config.DEMO_RUN}.")
 @click.option("--methods", default=None,
-              help="Comma-separated methods (default: zeroshot,probe,erm,kd,rise,adip; also sd).")
+              help="Comma-separated methods (default: "
+                   f"{','.join(m for m, cls in METHODS.items() if cls.in_default_run)}; "
+                   f"also {','.join(m for m, cls in METHODS.items() if not cls.in_default_run)}).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated training seeds.")
 @click.option("--holdouts", default=None, help="Comma-separated held-out domains (default: all).")
 @click.option("--teacher", default=None, help="open_clip model name or local-dir:PATH.")

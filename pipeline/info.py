@@ -1,29 +1,26 @@
 """`pipeline info`: what a run folder holds and which stages are stale."""
 
-from cache import store
-from pipeline import manifest
-from pipeline.errors import UserError
-
-STORE_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", "templates", "views",
-              "view_seed", "augment", "preprocess", "dataset_fingerprint", "images", "format_version")
+from cache import manifest, store
+from cache.errors import UserError
+from cache.teacher_cache import DESCRIBED_KEYS
 
 
 def describe(run) -> dict:
     if not run.root.is_dir():
         raise UserError(f"run folder not found: {run.root}")
     report = {"run": str(run.root), "cache": None, "dataset": None, "stages": [], "files": {}}
-    if run.teacher_store.exists():
-        attrs = store.read_attrs(run.teacher_store)
-        report["cache"] = {k: attrs.get(k) for k in STORE_KEYS}
+    if run.teacher_cache.exists():
+        attrs = store.read_attrs(run.teacher_cache)
+        report["cache"] = {k: attrs.get(k) for k in DESCRIBED_KEYS}
         report["cache"]["datasets"] = {name: {"shape": list(s), "dtype": d}
-                                       for name, (s, d) in store.shapes(run.teacher_store).items()}
+                                       for name, (s, d) in store.shapes(run.teacher_cache).items()}
     if run.index_path.exists():
         index = run.load_index()
         skipped = [s for s in index.status or [] if s != "ok"]
         report["dataset"] = {"root": str(index.root), "domains": index.domains, "classes": index.classes,
                              "images": len(index), "skipped": len(skipped),
                              "per_domain": {d: int((index.domain == i).sum()) for i, d in enumerate(index.domains)}}
-    extract = manifest.load(run.extract)
+    extract = manifest.load(run.extract_dir)
     report["teacher_image_forwards"] = extract["summary"].get("teacher_image_forwards") if extract else 0
     for path in sorted(run.root.rglob(manifest.MANIFEST)):
         stage_dir = path.parent

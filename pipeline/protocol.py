@@ -3,13 +3,18 @@ extraction, then the results table."""
 import json
 import time
 
+from cache import manifest
+from cache.errors import UserError
+from cache.progress import say
 from data import demo
-from pipeline import config, jobs, manifest, report
-from pipeline.errors import UserError
+from pipeline import config, report
 from pipeline.runfolder import RunFolder
-from stages.methods import METHODS
-
-DEFAULT_METHODS = ("zeroshot", "probe", "erm", "kd", "rise", "adip")
+from stages import stage
+from stages.align import run_alignment
+from stages.distill import Distill
+from stages.evaluate import Evaluate
+from stages.extract import Extract
+from stages.methods import BACKBONE, METHODS, TEACHER
 
 
 def parse_list(text: str, name: str) -> list:
@@ -23,10 +28,11 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             workers: int, force: bool, cutmix: float = 0.0) -> str:
     settings = dict(config.REAL if data_root else config.DEMO)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    chosen_methods = parse_list(methods, "methods") if methods else list(DEFAULT_METHODS)
-    unknown = [m for m in chosen_methods if m not in jobs.ALL_METHODS]
+    chosen_methods = parse_list(methods, "methods") if methods else \
+        [m for m, cls in METHODS.items() if cls.in_default_run]
+    unknown = [m for m in chosen_methods if m not in METHODS]
     if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(jobs.ALL_METHODS)}")
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     try:
         seed_list = [int(s) for s in parse_list(seeds, "seeds")]
     except ValueError:
@@ -34,21 +40,21 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
     run = RunFolder(run_dir or config.DEMO_RUN)
     timings = {}
 
-    def timed(stage, fn, **kwargs):
+    def timed(name, fn):
         started = time.time()
         try:
-            return fn(run, **kwargs)
+            return fn()
         finally:
-            timings[stage] = timings.get(stage, 0.0) + time.time() - started
+            timings[name] = timings.get(name, 0.0) + time.time() - started
 
     with run.writing():
         if data_root is None:
             data_root = run.root / "demo-data"
             demo.generate(data_root)
-            jobs.say(f"run: built-in demo dataset in {data_root}")
-        timed("extract", jobs.extract, data_root=data_root, teacher=settings["teacher"],
-              pretrained=settings["pretrained"], views=settings["views"], view_seed=0, template_set="photo",
-              val_fraction=0.2, split_seed=0, batch_size=64, workers=workers, force=force)
+            say(f"run: built-in demo dataset in {data_root}")
+        timed("extract", lambda: stage.run(Extract(
+            run, data_root, teacher=settings["teacher"], pretrained=settings["pretrained"], views=settings["views"],
+            batch_size=64, workers=workers), force))
         index = run.load_index()
         chosen = parse_list(holdouts, "holdouts") if holdouts else index.domains
         for holdout in chosen:
@@ -56,49 +62,48 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         student = {"student": settings["student"], "student_weights": settings["student_weights"],
                    "student_size": settings["student_size"]}
         train = {"steps": settings["steps"], "per_domain": settings["per_domain"],
-                 "eval_every": settings["eval_every"], "workers": workers, "force": force}
+                 "eval_every": settings["eval_every"], "workers": workers}
         official, results = 0, []
         for holdout in chosen:
-            jobs.say(f"run: held-out domain '{holdout}'")
+            say(f"run: held-out domain '{holdout}'")
             n_sources = len(index.domains) - 1
             for seed in seed_list:
-                key = None  # this run's student, so other students in the run folder are never mixed in
-                if "adip" in chosen_methods:
-                    key = timed("align", jobs.align, **student, holdout=holdout, steps=settings["align_steps"],
-                          per_domain=settings["per_domain"], lr=settings["align_lr"], lam=config.ADIP["lam"],
-                          seed=seed, eval_every=settings["eval_every"], batch_size=128, workers=workers,
-                          force=force)
-                for method in chosen_methods:
-                    if method == "zeroshot" and seed != seed_list[0]:
+                aligned = None  # this run's student, so other students in the run folder are never mixed in
+                if any(METHODS[m].needs_alignment for m in chosen_methods):
+                    aligned = timed("align", lambda: run_alignment(
+                        run, **student, holdout=holdout, steps=settings["align_steps"],
+                        per_domain=settings["per_domain"], lr=settings["align_lr"], seed=seed,
+                        eval_every=settings["eval_every"], workers=workers, force=force))
+                trained_key = aligned
+                for name in chosen_methods:
+                    method = METHODS[name]
+                    if not method.seeded and seed != seed_list[0]:
                         continue  # no randomness: one evaluation serves every seed
-                    if method == "probe":  # a linear problem on the cache, like align
-                        timed("distill", jobs.distill, method=method, holdout=holdout, seed=seed,
-                              **{**train, "steps": settings["align_steps"]})
-                    elif method != "zeroshot":
-                        trained = timed("distill", jobs.distill, method=method, holdout=holdout,
-                                        **{**student, "student": key if method == "adip" else student["student"]},
-                                        seed=seed, cutmix=cutmix, hparams={"lr": settings["lr"].get(method)}, **train)
-                        key = trained if method not in ("sd", "probe") else key
-                    models = ["best"]
-                    if method in METHODS and METHODS[method].swad_default:
-                        models.append("swad")
-                    for model in models:
-                        result = timed("evaluate", jobs.evaluate, method=method, holdout=holdout,
-                                       student=key if method not in ("sd", "probe") else None,
-                                       seed=seed, model=model, workers=workers, force=force)
+                    hparams = method.demo if settings["demo"] else {}
+                    if method.trains:
+                        on_cache = method.student == TEACHER  # a linear problem on the cache, like align
+                        own = ({**student, "student": aligned} if method.needs_alignment else student) \
+                            if method.student == BACKBONE else {}
+                        distill = Distill(run, name, holdout, **own, seed=seed, cutmix=0.0 if on_cache else cutmix,
+                                          hparams=hparams, **{**train, "steps": settings["align_steps"]
+                                                              if on_cache else settings["steps"]})
+                        timed("distill", lambda: stage.run(distill, force))
+                        if method.student == BACKBONE:
+                            trained_key = distill.key
+                    for model in method.models():
+                        result = timed("evaluate", lambda: stage.run(Evaluate(
+                            run, name, holdout, student=trained_key if method.student == BACKBONE else None,
+                            seed=seed, model=model, workers=workers), force, quiet=True))
                         results.append(result)
-                        jobs.say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
-                                 f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
-                    official += report.official_teacher_forwards(
-                        method, steps=settings["steps"], align_steps=settings["align_steps"],
+                        say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
+                            f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
+                    official += method.official_teacher_forwards(
+                        steps=settings["steps"], align_steps=settings["align_steps"],
                         batch=settings["per_domain"] * n_sources)
-        labels = []
-        for m in chosen_methods:
-            labels.append(m)
-            if m in METHODS and METHODS[m].swad_default:
-                labels.append(m + " +SWAD")
+        labels = [report.row_label({"method": m, "model": model}) for m in chosen_methods
+                  for model in METHODS[m].models()]
         table = report.summarize(results, labels, chosen)  # this run's results only
-        ours = manifest.load(run.extract)["summary"].get("teacher_image_forwards", 0)
+        ours = manifest.load(run.extract_dir)["summary"].get("teacher_image_forwards", 0)
         footer = (f"\nTeacher image forwards: {ours:,} in this run (one extraction); the official "
                   f"online-teacher code would use {official:,} for the same protocol "
                   f"(steps x batch x stages x held-out domains x seeds).\n")
@@ -108,10 +113,10 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         (run.root / "protocol.json").write_text(json.dumps(
             {"methods": chosen_methods, "seeds": seed_list, "holdouts": chosen, "settings": settings,
              "official_teacher_forwards": official, "teacher_image_forwards": ours}, indent=2))
-    jobs.say("run: stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    say("run: stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     print(f"\nHeld-out domain accuracy (%), mean ± standard error over seeds {','.join(map(str, seed_list))}; "
           f"teacher {settings['teacher'].split('/')[-1]}, student {settings['student']}:\n")
     print(text)
-    jobs.say(f"run: table saved to {run.table}" + (f" and {run.table.with_suffix('.png')}" if plotted else "")
+    say(f"run: table saved to {run.table}" + (f" and {run.table.with_suffix('.png')}" if plotted else "")
              + f"; every result in {run.results}")
     return text

@@ -1,4 +1,4 @@
-"""The results table (markdown, and a PNG bar chart) and the teacher-forward accounting."""
+"""The results table: markdown, and a PNG bar chart."""
 import math
 
 import numpy as np
@@ -69,9 +69,3 @@ def bar_chart(table: dict, holdouts: list, path) -> bool:
     plt.close(fig)
     return True
 
-
-def official_teacher_forwards(method: str, *, steps: int, align_steps: int, batch: int) -> int:
-    """Teacher image forwards the official online-teacher code spends on one (holdout, seed):
-    one per training image per step, for every stage that distils."""
-    stages = {"adip": align_steps + steps, "sd": steps, "rise": steps, "kd": steps}
-    return stages.get(method, 0) * batch

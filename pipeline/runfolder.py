@@ -1,24 +1,27 @@
 """The run folder: one directory holding every cache and output of a run.
 
 ```
-RUN/extract/                      index.parquet, teacher.h5, skipped.jsonl, manifest.json
-RUN/features/<student>/           features.h5 (frozen student features of every view)
+RUN/extract/                      index.parquet, teacher.h5, skipped.jsonl
+RUN/features/<student>/           features.h5 (frozen student features of every view), student.json
 RUN/align/<student>/<holdout>/    projection.safetensors, config.json, log.jsonl
-RUN/distill/<method>/<student>/<holdout>/seed<S>/   model.safetensors, config.json, log.jsonl
-RUN/evaluate/<method>/<student>/<holdout>/seed<S>/  metrics.json
+RUN/distill/<method>/<student>/<holdout>/seed<S>/   best.safetensors [swad.safetensors], config.json, log.jsonl
+RUN/evaluate/<method>[+swad]/<student>/<holdout>/seed<S>/  metrics.json
 RUN/results.jsonl                 one JSON object per evaluation
 RUN/table.md                      the results table of `pipeline run`
 ```
+
+Every stage folder also holds its ``manifest.json`` (``cache/manifest.py``).
 """
 import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from cache import manifest
+from cache.errors import UserError
 from cache.index import read_table
 from data.domainbed import ImageIndex
-from pipeline.distributed import is_main
-from pipeline.errors import UserError
+from stages.distributed import is_main
 
 
 class RunFolder:
@@ -29,16 +32,16 @@ class RunFolder:
         return Path(path).relative_to(self.root).as_posix()
 
     @property
-    def extract(self) -> Path:
+    def extract_dir(self) -> Path:
         return self.root / "extract"
 
     @property
-    def teacher_store(self) -> Path:
-        return self.extract / "teacher.h5"
+    def teacher_cache(self) -> Path:
+        return self.extract_dir / "teacher.h5"
 
     @property
     def index_path(self) -> Path:
-        return self.extract / "index.parquet"
+        return self.extract_dir / "index.parquet"
 
     @property
     def results(self) -> Path:
@@ -48,17 +51,29 @@ class RunFolder:
     def table(self) -> Path:
         return self.root / "table.md"
 
-    def features(self, student: str) -> Path:
+    def features_dir(self, student: str) -> Path:
         return self.root / "features" / student
 
-    def align(self, student: str, holdout: str) -> Path:
+    def align_dir(self, student: str, holdout: str) -> Path:
         return self.root / "align" / student / holdout
 
-    def distill(self, method: str, student: str, holdout: str, seed: int) -> Path:
+    def distill_dir(self, method: str, student: str, holdout: str, seed: int) -> Path:
         return self.root / "distill" / method / student / holdout / f"seed{seed}"
 
-    def evaluate(self, method: str, student: str, holdout: str, seed: int) -> Path:
-        return self.root / "evaluate" / method / student / holdout / f"seed{seed}"
+    def evaluation_dir(self, label: str, student: str, holdout: str, seed: int) -> Path:
+        return self.root / "evaluate" / label / student / holdout / f"seed{seed}"
+
+    def output_hash(self, path) -> str | None:
+        """Fingerprint of a finished stage's output file (None if missing or unrecorded)."""
+        return manifest.output_hash(self.root, self.rel(path))
+
+    def teacher_cache_input(self) -> dict:
+        """The finished teacher cache as an input of a later stage."""
+        digest = self.output_hash(self.teacher_cache)
+        if digest is None:
+            raise UserError(f"{self.root} has no finished extraction; run `pipeline extract --data ROOT "
+                            f"--run {self.root}` first")
+        return {self.rel(self.teacher_cache): digest}
 
     def load_index(self) -> ImageIndex:
         if not self.index_path.exists():
@@ -81,7 +96,7 @@ class RunFolder:
             raise UserError(f"{several}: {', '.join(keys)}; pick one with --student")
         return keys[0]
 
-    def resolve_student(self, holdout: str, student: str | None) -> str:
+    def aligned_student(self, holdout: str, student: str | None) -> str:
         """The student key aligned for ``holdout``."""
         return self._pick_student(
             self._finished_students(f"align/*/{holdout}/manifest.json", 1), student,

@@ -1,81 +1,118 @@
 """Align: fit the linear projection from frozen student features to the teacher's space.
 
-The frozen student's features of every recorded view are computed once (``features.h5``,
-[images, views, student_dim] float16) and reused for every held-out domain, so each alignment
-is a small linear problem on cached arrays that runs in seconds.
+Two stages. ``StudentFeatures`` embeds every recorded view once with the frozen (eval-mode)
+student into ``features.h5`` (``cache/student_features.py``), shared by every held-out domain;
+``Align`` then trains the projection on those cached arrays with the VL2V loss, so each
+alignment is a small linear problem that runs in seconds.
 """
-import copy
+import json
 import time
-from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from cache import store
+from cache import store, student_features
+from cache.teacher_cache import TeacherCache
+from cache.progress import progress, say
 from data.images import ReplayImages
-from data.sampling import BalancedViewSampler
-from pipeline.progress import progress
+from stages.fit import fit_on_cache
 from stages.losses import clip_logits, vl2v_loss
-from stages.predict import device, loader
+from stages.methods import ALIGN_HPARAMS
+from stages.runtime import device, loader
+from stages import stage
+from stages.stage import Stage, require_positive, require_rates, save_outputs
+from stages.student import create_backbone, student_key
 
 
-@torch.inference_mode()
-def cache_student_features(backbone, spec, index, view_params: np.ndarray, rows, features_path,
-                           batch_size: int = 128, workers: int = 0, attrs: dict | None = None) -> dict:
-    """Frozen (eval-mode) student features of every view of ``rows`` into ``features_path``."""
-    features_path = Path(features_path)
-    n_views = view_params.shape[1]
-    dataset = ReplayImages(index.root, index.paths, view_params, spec)
-    backbone = backbone.eval().to(device())
-    items = (np.asarray(rows)[:, None] * n_views + np.arange(n_views)).ravel()
-    batches = loader(dataset, items, batch_size, workers)
-    features = None
-    started = time.time()
-    with progress(total=len(items), desc="student features", unit="view") as bar:
-        for batch_items, pixels in batches:
-            out = backbone(pixels.to(device(), non_blocking=True)).float().cpu().numpy()
-            if features is None:
-                features = np.zeros((len(index), n_views, out.shape[1]), np.float16)
-            features.reshape(-1, out.shape[1])[batch_items.numpy()] = out
-            bar.update(len(batch_items))
-    tmp = features_path.with_name(features_path.name + ".partial")
-    store.create(tmp, {"features": (features.shape, np.float16)}, attrs or {})
-    with h5py.File(tmp, "r+") as f:
-        f["features"][...] = features
-    tmp.replace(features_path)
-    return {"views": len(items), "seconds": round(time.time() - started, 2), "dim": features.shape[-1]}
+class StudentFeatures(Stage):
+    """The frozen student's features of every view of every image (once per student)."""
+
+    def __init__(self, run, *, student: str, student_weights: str, student_size, batch_size: int = 128,
+                 workers: int = 0):
+        self.run, self.batch_size, self.workers = run, batch_size, workers
+        self.key = student_key(student, student_weights, student_size)
+        self.folder = run.features_dir(self.key)
+        self.config = {"student": student, "student_weights": student_weights, "student_size": student_size}
+        self.inputs = run.teacher_cache_input()
+        self.outputs = [student_features.FILE, "student.json"]
+
+    @property
+    def path(self):
+        return self.folder / student_features.FILE
+
+    def describe(self) -> str:
+        return f"student features ({self.key})"
+
+    @torch.inference_mode()
+    def compute(self) -> dict:
+        index = self.run.load_index()
+        backbone, spec = create_backbone(*self.config.values())
+        view_params = store.read(self.run.teacher_cache, "view_params")
+        n_views = view_params.shape[1]
+        say(f"align: caching frozen {self.config['student']} features of {len(index.rows())} images x {n_views} views")
+        dataset = ReplayImages(index.root, index.paths, view_params, spec)
+        backbone = backbone.eval().to(device())
+        items = (np.asarray(index.rows())[:, None] * n_views + np.arange(n_views)).ravel()
+        features, started = None, time.time()
+        with progress(total=len(items), desc="student features", unit="view") as bar:
+            for batch_items, pixels in loader(dataset, items, self.batch_size, self.workers):
+                out = backbone(pixels.to(device(), non_blocking=True)).float().cpu().numpy()
+                if features is None:
+                    features = np.zeros((len(index), n_views, out.shape[1]), np.float16)
+                features.reshape(-1, out.shape[1])[batch_items.numpy()] = out
+                bar.update(len(batch_items))
+        student_features.write(self.path, features, {**self.config, "input_spec": spec.to_dict()})
+        (self.folder / "student.json").write_text(json.dumps(
+            {**self.config, "input_spec": spec.to_dict(), "dim": int(features.shape[-1])}, indent=2))
+        return {"views": len(items), "seconds": round(time.time() - started, 2), "dim": int(features.shape[-1])}
 
 
-def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_domain: list, val_rows, *,
-                 loss, logits, labels: torch.Tensor, steps: int, per_domain: int, lr: float,
-                 weight_decay: float, seed: int, eval_every: int, desc: str) -> tuple[dict, list]:
-    """Train a small module on cached per-view arrays with Adam; keep the best on source val.
+class Align(Stage):
+    """The projection ``Linear(student_dim, teacher_dim)`` for one held-out domain."""
 
-    ``features`` is [N, K, d]; each step draws balanced (image, view) items, calls
-    ``loss(module(features[items]), rows, items)``; validation scores ``logits(module(x))`` on the
-    eval view (view 0) of ``val_rows``. Returns the best state dict and the log.
-    """
-    n_views = features.shape[1]
-    flat = features.flatten(0, 1).float()
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, n_views, seed, steps)
-    val_rows = torch.as_tensor(val_rows)
-    val_inputs, val_labels = features[val_rows, 0].float(), labels[val_rows]
-    best, log = (-1.0, None, 0), []
-    for step, items in enumerate(progress(iterable=sampler, desc=desc, unit="step"), start=1):
-        items = torch.as_tensor(items)
-        batch_loss = loss(module(flat[items]), items // n_views, items)
-        optimizer.zero_grad(set_to_none=True)
-        batch_loss.backward()
-        optimizer.step()
-        if step % eval_every == 0 or step == steps:
-            with torch.no_grad():
-                acc = float((logits(module(val_inputs)).argmax(-1) == val_labels).float().mean())
-            log.append({"step": step, "loss": round(batch_loss.item(), 5), "source_val_acc": acc})
-            if acc > best[0]:
-                best = (acc, copy.deepcopy(module.state_dict()), step)
-    return best[1], log + [{"best_step": best[2], "best_source_val_acc": best[0]}]
+    def __init__(self, run, features: StudentFeatures, holdout: str, *, steps: int, per_domain: int,
+                 lr: float = ALIGN_HPARAMS["lr"], lam: float = ALIGN_HPARAMS["lam"], seed: int = 0,
+                 eval_every: int = 100):
+        require_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
+        require_rates({"lr": lr})
+        self.run, self.features, self.holdout, self.key = run, features, holdout, features.key
+        self.sources, self.train_rows, self.val_rows = run.load_index().sources(holdout)
+        self.folder = run.align_dir(self.key, holdout)
+        self.config = {"steps": steps, "per_domain": per_domain, "lr": lr, "lam": lam, "seed": seed,
+                       "eval_every": eval_every, "weight_decay": ALIGN_HPARAMS["weight_decay"]}
+        self.outputs = ["projection.safetensors", "config.json", "log.jsonl"]
+
+    @property
+    def inputs(self) -> dict:  # read when the features stage has finished
+        return {**self.run.teacher_cache_input(), self.run.rel(self.features.path): self.run.output_hash(self.features.path)}
+
+    def describe(self) -> str:
+        return f"align for held-out '{self.holdout}' ({self.key})"
+
+    def compute(self) -> dict:
+        cache = TeacherCache(self.run.teacher_cache)
+        labels = torch.as_tensor(self.run.load_index().label)
+        started = time.time()
+        state, log = align(student_features.read(self.features.path), cache.image_emb, cache.classifier, labels,
+                           self.train_rows, self.val_rows, **self.config)
+        save_outputs(self.folder, {"projection": state},
+                     {**self.config, "holdout": self.holdout, "sources": self.sources, "student_key": self.key}, log)
+        return {**log[-1], "seconds": round(time.time() - started, 2)}
+
+    def published(self, summary: dict) -> None:
+        say(f"align: held-out '{self.holdout}': best source-val accuracy {summary['best_source_val_acc']:.3f} "
+            f"at step {summary['best_step']} ({summary['seconds']} s)")
+
+
+def run_alignment(run, *, student: str, student_weights: str, student_size, holdout: str, batch_size: int = 128,
+                  workers: int = 0, force: bool = False, **settings) -> str:
+    """The student's features (once per student), then the alignment for ``holdout``; the student key."""
+    features = StudentFeatures(run, student=student, student_weights=student_weights, student_size=student_size,
+                               batch_size=batch_size, workers=workers)
+    alignment = Align(run, features, holdout, **settings)  # checks the settings before any work
+    stage.run(features, force, quiet=True)
+    stage.run(alignment, force)
+    return features.key
 
 
 def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.Tensor,

@@ -10,6 +10,7 @@ At every validation the whole training state is checkpointed (temp file, then re
 that was killed continues from there and ends with the same weights as an uninterrupted run.
 """
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -17,16 +18,164 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safetensors.torch import load_file
+
+from cache.errors import UserError
+from cache.fingerprint import sha256_json
+from cache.progress import Interrupted, StopFlag, progress, say
+from cache.teacher_cache import TeacherCache
 from data.cutmix import cutmix
 from data.images import ReplayImages
 from data.sampling import BalancedViewSampler
-from pipeline.progress import progress
-from stages.extract import Interrupted, StopFlag
-from stages.methods import Batch
-from stages.predict import device, loader
+from stages import distributed
+from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
+from stages.runtime import device, loader
+from stages.stage import Stage, require_positive, require_rates, save_outputs
+from stages.student import create_backbone, feature_dim, student_key
 from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
+from stages.teacher import OpenClipTeacher
 
 BN_BATCHES = 20  # training batches that re-estimate BatchNorm statistics of SWAD weights
+
+
+class Distill(Stage):
+    """Train one method for one held-out domain and seed; save its best (and SWAD) weights.
+
+    ``teacher_online`` runs the teacher on every replayed view instead of reading the cache:
+    the official code's way, kept as the reference the cache is checked against.
+    """
+
+    def __init__(self, run, method: str, holdout: str, *, student: str | None = None,
+                 student_weights: str = "imagenet", student_size=None, steps: int, per_domain: int,
+                 seed: int = 0, eval_every: int, workers: int = 0, hparams: dict | None = None,
+                 cutmix: float = 0.0, swad: bool | None = None, anchors: str = "domains",
+                 teacher_online: bool = False):
+        self.method = method_named(method)
+        require_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
+        require_rates(hparams or {})
+        if not self.method.trains:
+            raise UserError(f"{method} has nothing to train; evaluate it directly")
+        if not 0.0 <= cutmix <= 1.0:
+            raise UserError(f"--cutmix is a probability in [0, 1], got {cutmix}")
+        if teacher_online and self.method.student == TEACHER:
+            raise UserError(f"--teacher-online applies to student methods, not {method}")
+        self.run, self.holdout, self.seed, self.workers, self.anchors = run, holdout, seed, workers, anchors
+        self.index = run.load_index()
+        self.sources, self.train_rows, self.val_rows = self.index.sources(holdout)
+        self.key, self.student = resolve_student(run, self.method, holdout, student, student_weights, student_size)
+        self.inputs = run.teacher_cache_input()
+        if self.method.needs_alignment:
+            self.projection = run.align_dir(self.key, holdout) / "projection.safetensors"
+            self.inputs[run.rel(self.projection)] = run.output_hash(self.projection)
+        self.swad = self.method.swad if swad is None else bool(swad)
+        self.hparams = {k: v for k, v in (hparams or {}).items() if v is not None}
+        self.teacher_online = teacher_online
+        self.config = {"method": self.method.name, "student": self.student, "steps": steps,
+                       "per_domain": per_domain, "seed": seed, "eval_every": eval_every, "hparams": self.hparams,
+                       "cutmix": cutmix, "swad": self.swad, "anchors": anchors,
+                       **({"teacher_online": True} if teacher_online else {})}
+        self.folder = run.distill_dir(self.method.name, self.key, holdout, seed)
+
+    def describe(self) -> str:
+        return f"distill {self.method.name} for held-out '{self.holdout}' ({self.key}, seed {self.seed})"
+
+    def check(self) -> None:
+        rank, world = distributed.world()
+        c = self.config
+        if self.method.student != TEACHER and (c["per_domain"] * len(self.sources)) % world:
+            raise UserError(f"--per-domain {c['per_domain']} x {len(self.sources)} source domains must split "
+                            f"evenly over {world} processes")
+
+    def compute(self) -> dict | None:
+        c, cache = self.config, TeacherCache(self.run.teacher_cache)
+        started = time.time()
+        if self.method.student == TEACHER:
+            state, log = self.method.fit(cache.image_emb, torch.as_tensor(self.index.label), self.train_rows,
+                                         self.val_rows, steps=c["steps"], per_domain=c["per_domain"],
+                                         seed=self.seed, eval_every=c["eval_every"], **self.hparams)
+            weights = {"best": state}
+        else:
+            text = cache.text(anchor_names(cache, self.sources, self.anchors))
+            model, spec = build_student(self.method, self.student, cache, text, teacher_weights=True)
+            if self.method.needs_alignment:
+                model.projection.load_state_dict(load_file(self.projection))
+            trainer = self.method(model, text, c["steps"], **self.hparams)
+            online = OnlineTargets(cached_teacher(cache)) if self.teacher_online else None
+            dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
+                                   teacher_spec=online.teacher.input_spec if online else None)
+            cutmix_note = f", CutMix p={c['cutmix']}" if c["cutmix"] else ""
+            say(f"distill: {self.method.name}, {self.student['student']} on {', '.join(self.sources)} -> held-out "
+                f"'{self.holdout}', {c['steps']} steps of {c['per_domain']} images per domain"
+                f"{', SWAD' if self.swad else ''}{cutmix_note}")
+            resume = self.folder / "resume.pt"
+            if self.force:
+                resume.unlink(missing_ok=True)
+            rank, world = distributed.world()
+            try:
+                weights, log = train(trainer, dataset, cache, self.index.label, self.train_rows, self.val_rows,
+                                     steps=c["steps"], per_domain=c["per_domain"], seed=self.seed,
+                                     eval_every=c["eval_every"], workers=self.workers, cutmix_p=c["cutmix"],
+                                     swad=self.swad, resume_path=resume,
+                                     resume_key=sha256_json({"config": c, "inputs": self.inputs}), online=online,
+                                     rank=rank, world=world)
+            except Interrupted as stop:
+                say(str(stop))
+                raise SystemExit(130)
+            if not distributed.is_main():
+                return None  # checkpoints and results are written once, by rank 0
+        self.outputs = save_outputs(self.folder, weights, {**c, "holdout": self.holdout, "sources": self.sources,
+                                                           "student_key": self.key}, log)
+        (self.folder / "resume.pt").unlink(missing_ok=True)
+        return {**log[-1], "seconds": round(time.time() - started, 1)}
+
+    def published(self, summary: dict) -> None:
+        say(f"distill: {self.method.name} held-out '{self.holdout}': best source-val accuracy "
+            f"{summary['best_source_val_acc']:.3f} at step {summary['best_step']} ({summary['seconds']} s)")
+
+
+def resolve_student(run, method, holdout: str, student: str | None, student_weights: str,
+                    student_size) -> tuple[str, dict]:
+    """(folder key, description) of the student ``method`` trains for ``holdout``.
+
+    ``student``: a timm model name; for methods that start from an alignment (or when omitted),
+    it picks among the students aligned for ``holdout``.
+    """
+    if method.student in (TEACHER, TEACHER_TOWER):
+        return method.student, {"student": method.student}
+    if method.needs_alignment or student is None:
+        key = run.aligned_student(holdout, student if method.needs_alignment else None)
+        return key, json.loads((run.features_dir(key) / "student.json").read_text())
+    return student_key(student, student_weights, student_size), {
+        "student": student, "student_weights": student_weights, "student_size": student_size}
+
+
+def cached_teacher(cache: TeacherCache, weights: bool = True) -> OpenClipTeacher:
+    """The teacher the cache was made with (its architecture only, without ``weights``)."""
+    teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if weights else None,
+                              device=str(device()))
+    if weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:
+        raise UserError(f"the teacher checkpoint changed since extraction ({cache.attrs['teacher']}, "
+                        f"{cache.attrs['pretrained']}); this needs the teacher the cache was made with")
+    return teacher
+
+
+def build_student(method, student: dict, cache: TeacherCache, text, teacher_weights: bool):
+    """The method's model (untrained head) and its input spec, from a student description."""
+    if method.student == TEACHER_TOWER:
+        teacher = cached_teacher(cache, weights=teacher_weights)
+        return method.build(teacher.model.visual.float(), cache.dim, text), teacher.input_spec
+    assert method.student == BACKBONE
+    backbone, spec = create_backbone(student["student"], student["student_weights"], student["student_size"])
+    return method.build(backbone, feature_dim(backbone), text), spec
+
+
+def anchor_names(cache: TeacherCache, sources: list, anchors: str) -> list:
+    """RISE's relative-distance anchors: the source-domain names, or the generic photo anchors."""
+    if anchors == "domains":
+        return sources
+    if anchors == "generic":
+        return cache.generic_anchors()
+    raise UserError(f"--anchors must be 'domains' or 'generic', got '{anchors}'")
 
 
 class OnlineTargets:
@@ -41,7 +190,7 @@ class OnlineTargets:
         return self.teacher.encode_images(teacher_pixels)
 
 
-def distill(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
+def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
             val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
             workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
             swad_valley: dict | None = None, resume_path=None, resume_key: str = "",

@@ -1,13 +1,80 @@
-"""Evaluate: per-domain accuracy of a trained student, or of the teacher from the cache.
+"""Evaluate: per-domain accuracy of a trained model, or of the teacher from the cache.
 
 As DomainBed: the held-out domain is scored on its large (train) split, the source domains on
-their validation split.
+their validation split. Each evaluation writes ``metrics.json`` and, once its manifest is
+written, appends the same object to ``RUN/results.jsonl``.
 """
+import json
+import time
+
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from cache import store
+from cache.errors import UserError
+from cache.teacher_cache import TeacherCache
 from data.domainbed import TRAIN, VAL
-from stages.predict import accuracy, predict_labels
+from data.images import ReplayImages
+from stages.distill import anchor_names, build_student
+from stages.methods import BACKBONE, TEACHER, method_named
+from stages.runtime import device, loader
+from stages.stage import Stage
+
+
+class Evaluate(Stage):
+    def __init__(self, run, method: str, holdout: str, *, student: str | None = None, seed: int = 0,
+                 model: str = "best", workers: int = 0):
+        self.method = method_named(method)
+        if model not in self.method.models(swad=True):
+            raise UserError(f"--model must be one of {', '.join(self.method.models(swad=True))} for {method}, "
+                            f"got '{model}'")
+        self.run, self.holdout, self.seed, self.model, self.workers = run, holdout, seed, model, workers
+        self.index = run.load_index()
+        self.index.check_holdout(holdout)
+        self.inputs = run.teacher_cache_input()
+        self.weights = None
+        if not self.method.trains:
+            self.key, self.model = TEACHER, "cache"
+        else:
+            self.key = self.method.student if self.method.student != BACKBONE else \
+                run.trained_student(self.method.name, holdout, student, seed)
+            self.weights = run.distill_dir(self.method.name, self.key, holdout, seed) / f"{model}.safetensors"
+            digest = run.output_hash(self.weights)
+            if digest is None:
+                raise UserError(f"no trained {method} model ({model}) for held-out '{holdout}', seed {seed}; run "
+                                f"`pipeline distill --run {run.root} --method {method} --holdout {holdout}` first")
+            self.inputs[run.rel(self.weights)] = digest
+        self.label = self.method.name + ("+swad" if model == "swad" else "")
+        self.folder = run.evaluation_dir(self.label, self.key, holdout, seed)
+        self.config, self.outputs = {}, ["metrics.json"]
+
+    def describe(self) -> str:
+        return f"evaluate {self.label} for held-out '{self.holdout}' ({self.key}, seed {self.seed})"
+
+    def compute(self) -> dict:
+        cache, index = TeacherCache(self.run.teacher_cache), self.index
+        if self.method.student == TEACHER:
+            weights = load_file(self.weights) if self.weights else None
+            metrics = evaluate_cached(self.method.logits_of(weights, cache), cache, index, self.holdout)
+        else:
+            trained = json.loads((self.weights.parent / "config.json").read_text())
+            text = cache.text(anchor_names(cache, trained["sources"], trained["anchors"]))
+            net, spec = build_student(self.method, trained["student"], cache, text, teacher_weights=False)
+            net.load_state_dict(load_file(self.weights))
+            predictor = self.method(net.to(device()), text, 1)
+            dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
+            metrics = evaluate_student(predictor.predict, dataset, index, self.holdout, self.workers)
+        attrs = store.read_attrs(self.run.teacher_cache)
+        result = {"method": self.method.name, "model": self.model, "student": self.key, "teacher": attrs["teacher"],
+                  "pretrained": attrs["pretrained"], "holdout": self.holdout, "seed": self.seed, **metrics,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (self.folder / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def published(self, summary: dict) -> None:
+        with open(self.run.results, "a") as f:
+            f.write(json.dumps(summary) + "\n")
 
 
 def eval_rows(index, holdout: str) -> dict:
@@ -22,6 +89,19 @@ def summarize(accuracies: dict, splits: dict, holdout: str, counts: dict) -> dic
         if sum(counts[d] for d in sources) else float("nan")
     return {"holdout_acc": accuracies[holdout], "source_val_acc": source_val,
             "accuracy": accuracies, "split": splits, "images": counts}
+
+
+@torch.inference_mode()
+def predict_labels(predict, dataset: ReplayImages, rows, batch_size: int = 128, workers: int = 0) -> np.ndarray:
+    """Predicted class of every row's evaluation view (view 0)."""
+    items = np.asarray(rows) * dataset.n_views
+    predictions = [predict(pixels.to(device(), non_blocking=True)).argmax(dim=-1).cpu()
+                   for _, pixels in loader(dataset, items, batch_size, workers)]
+    return torch.cat(predictions).numpy() if predictions else np.zeros(0, np.int64)
+
+
+def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    return float((predicted == labels).mean()) if len(labels) else float("nan")
 
 
 def evaluate_student(predict, dataset, index, holdout: str, workers: int = 0) -> dict:

@@ -1,16 +1,48 @@
-"""Training methods: each a small class with ``update`` (one step) and ``predict``.
+"""Methods: everything the pipeline knows about a method lives on its class, registered once.
 
-Every method learns from a ``Batch``: student inputs, labels and the cached teacher embedding of
-each replayed view. None of them runs the teacher. To add a method, subclass ``Method``
-(``build`` the student, define ``logits`` and ``loss``) and register it in ``METHODS``.
+A method declares where its student comes from (``student``: a timm backbone, the teacher's own
+image tower, or none: the cached teacher itself), what it needs first (``needs_alignment``), its
+hyperparameters with their defaults (the ``pipeline distill`` options and their help text are
+derived from them) and the built-in demo's overrides, whether SWAD is on by default (which
+weights it saves and evaluates), and what the official online-teacher code spends on it.
+
+Student methods train with ``update`` (one step on a ``Batch``) and answer ``predict``; cache
+methods (zero-shot, probe) work on the cached teacher embeddings alone.
+
+To add a method: subclass ``Method`` (``build`` the student, define ``logits`` and ``loss``) and
+add it to ``METHODS``. No other file names a method.
 """
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from cache.teacher_store import TextTargets
+from cache.errors import UserError
+from cache.teacher_cache import TextTargets
 from stages import losses
+from stages.fit import fit_on_cache
+
+# Where a method's student comes from.
+BACKBONE = "backbone"            # a timm model (--student), with a head the method builds
+TEACHER_TOWER = "teacher-image-tower"  # the teacher's own image tower (white-box: needs its weights)
+TEACHER = "teacher"              # no student: the cached teacher embeddings themselves
+
+# VL2V-ADiP's align stage (``pipeline align``), which every ``needs_alignment`` method starts from.
+ALIGN_HPARAMS = {"lr": 5e-5, "lam": 0.5, "weight_decay": 0.0}
+ALIGN_DEMO = {"lr": 1e-3}  # the built-in demo's random-init student needs a larger rate
+
+# Help text of every hyperparameter a method may declare (its default comes from the method).
+HPARAM_HELP = {
+    "lr": "Learning rate.",
+    "weight_decay": "Weight decay.",
+    "lam": "Weight of the image-embedding term (1 - lam: the text term).",
+    "temperature": "Distillation temperature.",
+    "alpha": "Weight of the KD term (1 - alpha: cross-entropy).",
+    "w_kd": "Weight of the KD term.",
+    "w_ce": "Weight of the cross-entropy term.",
+    "w_dist": "Weight of the absolute + relative distance terms.",
+}
 
 
 @dataclass
@@ -66,17 +98,32 @@ class RiseStudent(nn.Module):
 
 class Method:
     name = ""
-    needs_alignment = False   # starts from `pipeline align`'s projection
-    swad_default = False
-    defaults = {"optimizer": "adam", "lr": 5e-5, "weight_decay": 0.0}
+    student = BACKBONE
+    needs_alignment = False  # starts from `pipeline align`'s projection
+    swad = False             # SWAD weight averaging by default: saves "swad" beside "best"
+    in_default_run = True    # part of `pipeline run` without --methods
+    trains = seeded = True   # has a distill stage; its result depends on the seed
+    optimizer_kind = "adam"
+    hparams = {"lr": 5e-5, "weight_decay": 0.0}
+    demo = {}                # the built-in demo's overrides of ``hparams``
+
+    @classmethod
+    def models(cls, swad: bool | None = None) -> tuple:
+        """The weights a training saves and `pipeline run` evaluates."""
+        return ("best", "swad") if (cls.swad if swad is None else swad) else ("best",)
+
+    @classmethod
+    def official_teacher_forwards(cls, *, steps: int, align_steps: int, batch: int) -> int:
+        """Teacher image forwards the official online-teacher code spends on one (holdout, seed):
+        one per training image per step of every stage that distils."""
+        return steps * batch
 
     def __init__(self, model: nn.Module, text: TextTargets, steps: int, **hparams):
         self.model, self.text, self.steps = model, text, steps
-        self.hp = {**self.defaults, **{k: v for k, v in hparams.items() if v is not None}}
+        self.hp = {**self.hparams, **{k: v for k, v in hparams.items() if v is not None and k in self.hparams}}
         params = [p for p in self.trainable() if p.requires_grad]
-        if self.hp["optimizer"] == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=self.hp["lr"], momentum=0.9,
-                                             weight_decay=self.hp["weight_decay"])
+        if self.optimizer_kind == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=self.hp["lr"], momentum=0.9, weight_decay=self.hp["weight_decay"])
         else:
             self.optimizer = torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
         self.scheduler = None
@@ -127,8 +174,13 @@ class ADiP(Method):
     """VL2V-ADiP distill stage: the backbone learns through the frozen aligned projection, pulled
     toward the cached image embedding of the view (``lam``) and the class text embedding."""
 
-    name, needs_alignment, swad_default = "adip", True, True
-    defaults = {**Method.defaults, "lam": 0.5}
+    name, needs_alignment, swad = "adip", True, True
+    hparams = {**Method.hparams, "lam": 0.5}
+    demo = {"lr": 3e-3}
+
+    @classmethod
+    def official_teacher_forwards(cls, *, steps, align_steps, batch):
+        return (align_steps + steps) * batch  # the teacher runs in the align stage too
 
     @staticmethod
     def build(backbone, dim, text):
@@ -150,7 +202,12 @@ class SD(ADiP):
     """VL2V-SD: the student is the teacher's own image tower (white-box), trained end to end with
     the same loss, no extra projection."""
 
-    name, needs_alignment = "sd", False
+    name, student, needs_alignment, in_default_run = "sd", TEACHER_TOWER, False, False
+    demo = {"lr": 3e-4}
+
+    @classmethod
+    def official_teacher_forwards(cls, *, steps, align_steps, batch):
+        return steps * batch
 
     @staticmethod
     def build(tower, dim, text):
@@ -161,6 +218,11 @@ class ERM(Method):
     """Cross-entropy only, no teacher: the baseline."""
 
     name = "erm"
+    demo = {"lr": 3e-3}
+
+    @classmethod
+    def official_teacher_forwards(cls, *, steps, align_steps, batch):
+        return 0
 
     @staticmethod
     def build(backbone, dim, text):
@@ -178,7 +240,11 @@ class KD(ERM):
     ``alpha * KD + (1 - alpha) * CE``."""
 
     name = "kd"
-    defaults = {**Method.defaults, "temperature": 4.0, "alpha": 0.5}
+    hparams = {**Method.hparams, "temperature": 4.0, "alpha": 0.5}
+
+    @classmethod
+    def official_teacher_forwards(cls, *, steps, align_steps, batch):
+        return steps * batch
 
     def loss(self, logits, b):
         teacher = losses.clip_logits(b.image_emb, self.text.classifier)
@@ -191,9 +257,9 @@ class RISE(Method):
     """RISE: ``w_kd * KD + w_ce * CE + w_dist * (AD + RD)`` with teacher logits
     ``100 * cos(v, e_c)`` over the 7-template class ensemble, T = 3; SGD with step decay."""
 
-    name = "rise"
-    defaults = {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 5e-4, "temperature": 3.0,
-                "w_kd": 0.9, "w_ce": 0.1, "w_dist": 1.0}
+    name, optimizer_kind = "rise", "sgd"
+    hparams = {"lr": 1e-3, "weight_decay": 5e-4, "temperature": 3.0, "w_kd": 0.9, "w_ce": 0.1, "w_dist": 1.0}
+    demo = {"lr": 3e-3}
 
     def __init__(self, model, text, steps, **hparams):
         super().__init__(model, text, steps, **hparams)
@@ -222,4 +288,78 @@ class RISE(Method):
         return self.hp["w_kd"] * kd + self.hp["w_ce"] * ce + self.hp["w_dist"] * dist
 
 
-METHODS = {m.name: m for m in (ADiP, SD, RISE, KD, ERM)}
+class CacheMethod:
+    """A method of the cached teacher embeddings alone: no student, no images, no teacher."""
+
+    name = ""
+    student = TEACHER
+    needs_alignment = swad = False
+    in_default_run = True
+    trains = True   # fits something on the cache (with the alignment step budget)
+    seeded = True
+    hparams = {}
+    demo = {}
+    models = Method.models
+
+    @classmethod
+    def official_teacher_forwards(cls, *, steps, align_steps, batch):
+        return 0
+
+    @classmethod
+    def logits_of(cls, weights: dict | None, cache):
+        """emb [N, D] -> logits [N, C]."""
+        raise NotImplementedError
+
+
+class ZeroShot(CacheMethod):
+    """The teacher itself: ``100 * cos(v, t_c)`` on the cached eval view and text classifier."""
+
+    name, trains, seeded = "zeroshot", False, False
+
+    @classmethod
+    def logits_of(cls, weights, cache):
+        return lambda emb: losses.clip_logits(emb, cache.classifier)
+
+
+class Probe(CacheMethod):
+    """A linear classifier on the cached teacher image embeddings (normalised), Adam, seconds."""
+
+    name = "probe"
+    hparams = {"lr": 1e-3}
+
+    @classmethod
+    def fit(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows, *,
+            steps: int, per_domain: int, seed: int, eval_every: int, **hparams):
+        """Fit ``Linear(D, C)`` on the training views; the best on source validation."""
+        hp = {**cls.hparams, **{k: v for k, v in hparams.items() if v is not None and k in cls.hparams}}
+        torch.manual_seed(seed)
+        features = F.normalize(image_emb.float(), dim=-1)
+        head = torch.nn.Linear(features.shape[-1], int(labels.max()) + 1)
+        return fit_on_cache(head, features, train_rows_by_domain, val_rows,
+                            loss=lambda out, rows, items: F.cross_entropy(out, labels[rows]),
+                            logits=lambda out: out, labels=labels, steps=steps, per_domain=per_domain,
+                            lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name)
+
+    @classmethod
+    def logits_of(cls, weights, cache):
+        return lambda emb: F.normalize(emb.float(), dim=-1) @ weights["weight"].T + weights["bias"]
+
+
+METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD)}
+DEFAULT_METHOD = ADiP.name
+BENCH_METHOD = KD.name  # the one `pipeline bench` times: it reads the teacher targets every step
+
+
+def method_named(name: str):
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def all_hparams() -> dict:
+    """name -> {method: default} over every method, in first-declared order (for the CLI)."""
+    table = {}
+    for method in METHODS.values():
+        for key, default in method.hparams.items():
+            table.setdefault(key, {})[method.name] = default
+    return table

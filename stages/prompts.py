@@ -1,5 +1,5 @@
 """Text templates that turn class names into prompts for the teacher's text tower."""
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 TEMPLATE_SETS = {
     # The default prompt of the official VL2V code.
@@ -39,7 +39,7 @@ def class_prompt_name(folder_name: str) -> str:
     return folder_name.replace("_", " ").strip()
 
 
-def templates(name: str) -> tuple:
+def templates_named(name: str) -> tuple:
     if name not in TEMPLATE_SETS:
         raise UserError(f"unknown template set '{name}'; choose from {', '.join(TEMPLATE_SETS)}")
     return TEMPLATE_SETS[name]

@@ -5,7 +5,7 @@ import torch
 
 from cache.fingerprint import sha256_file
 from data.views import InputSpec
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 
 def create_backbone(name: str, weights: str = "imagenet", image_size: int | None = None):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cache.fingerprint import sha256_file, sha256_json
 from data.views import InputSpec
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 
 class OpenClipTeacher:

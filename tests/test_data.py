@@ -24,7 +24,7 @@ from data.domainbed import TRAIN, VAL, ImageIndex, scan, split_by_hash
 from data.images import BadImage, ExtractionImages, ReplayImages, load_image
 from data.sampling import BalancedViewSampler
 from data.views import N_PARAMS, PARAM_NAMES, Augment, InputSpec, eval_view, render, sample_views
-from pipeline.errors import UserError
+from cache.errors import UserError
 
 P = {name: i for i, name in enumerate(PARAM_NAMES)}
 
@@ -431,15 +431,13 @@ def test_split_depends_on_seed_not_on_listing_order(tmp_path):
 def test_scan_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError) as missing:
         scan(tmp_path / "does_not_exist")
-    assert missing.value.exit_code == 2
-    assert "not found" in missing.value.message
+    assert "not found" in str(missing.value)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError) as nothing:
         scan(empty)
-    assert nothing.value.exit_code == 2
-    assert "no images" in nothing.value.message
+    assert "no images" in str(nothing.value)
 
     only_text = tmp_path / "text"
     (only_text / "d" / "c").mkdir(parents=True)
@@ -456,7 +454,6 @@ def test_scan_errors_are_user_errors(tmp_path):
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(UserError) as fraction:
             scan(tmp_path / "ok", val_fraction=bad)
-        assert fraction.value.exit_code == 2
 
 
 def test_check_holdout(tmp_path):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from cache.teacher_store import TeacherCache
+from cache.teacher_cache import TeacherCache
 from conftest import invoke
 from data.images import ReplayImages
 from stages.prompts import TEMPLATE_SETS

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import TINY_CLIP, write_tiny_teacher
-from pipeline.errors import UserError
+from cache.errors import UserError
 from stages.student import create_backbone, student_key
 from stages.teacher import OpenClipTeacher
 

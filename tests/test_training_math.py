@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cache.teacher_store import TextTargets
+from cache.teacher_cache import TextTargets
 from data.cutmix import cutmix, rand_bbox
 from stages import losses
 from stages.methods import ADiP, ERM, KD, RISE, SD, Batch

@@ -1,0 +1,126 @@
+"""The teacher cache, ``RUN/extract/teacher.h5``: its layout, identity, writer and reader.
+
+Datasets (row ``i`` is row ``i`` of ``index.parquet``):
+
+- ``image_emb``       [images, views, dim] float16, L2-normalised teacher embedding of each view
+- ``view_params``     [images, views, len(PARAM_NAMES)] float32, the recorded view parameters
+- ``status``          [images] uint8: 0 pending, 1 done, 2 skipped (bad image)
+- ``text_emb``        [classes, templates, dim] float16, L2-normalised per prompt
+- ``classifier``      [classes, dim] float16: the templates averaged, then re-normalised
+- ``rise_text_emb``   [classes, 7, dim] float16: RISE's 7-template prompts, and their
+  ``rise_classifier`` [classes, dim] (the class ensemble)
+- ``anchor_emb``      [classes, anchors, dim] float16: "a {d} of a {class}." for every name in
+  the attribute ``anchor_names`` (every domain, then RISE's generic anchors)
+
+Attributes: the teacher's identity (``IDENTITY_KEYS``: a store is reused only when all of them
+match), the templates, classes, domains and ``batch_size`` (the block of rows written at once).
+Row datasets are written block by block and ``status`` is set only after a block's embeddings
+are on disk, so a killed extraction resumes with the pending blocks. Under torchrun each rank
+writes a shard (``shards/rank{r}-of-{N}.h5``) and ``join_shards`` makes ``teacher.h5`` an HDF5
+virtual dataset over them that reads exactly like a single-process store.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from cache import store
+
+ROW_DATASETS = ("image_emb", "view_params", "status")
+TEXT_DATASETS = ("text_emb", "classifier", "rise_text_emb", "rise_classifier", "anchor_emb")
+# Attributes that must match for a store to be reused; any difference means a rebuild.
+IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "templates",
+                 "views", "view_seed", "augment", "dataset_fingerprint", "format_version")
+# Attributes `pipeline info` shows.
+DESCRIBED_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", "templates", "views",
+                  "view_seed", "augment", "preprocess", "dataset_fingerprint", "images", "format_version")
+
+
+def mismatches(existing: dict, wanted: dict) -> list:
+    """Names of the identity attributes on which an existing store differs from the wanted one."""
+    return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+
+
+def create(path, n_rows: int, n_views: int, n_params: int, dim: int, texts: dict, attrs: dict) -> None:
+    """A new store with every row pending and the text embeddings written."""
+    datasets = {"image_emb": ((n_rows, n_views, dim), np.float16),
+                "view_params": ((n_rows, n_views, n_params), np.float32),
+                "status": ((n_rows,), np.uint8),
+                **{name: (tuple(t.shape), np.float16) for name, t in texts.items()}}
+    store.create(path, datasets, attrs)
+    with h5py.File(path, "r+") as f:
+        for name, t in texts.items():
+            f[name][...] = t.numpy().astype(np.float16)
+
+
+def write_block(f: h5py.File, where: slice, embeddings: np.ndarray, params: np.ndarray, status: np.ndarray) -> None:
+    """One block of rows; its status is written only once its data is flushed."""
+    f["image_emb"][where] = embeddings.astype(np.float16)
+    f["view_params"][where] = params
+    f.flush()
+    f["status"][where] = status
+    f.flush()
+
+
+def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, attrs: dict) -> None:
+    """Write ``path``: text embeddings, and row datasets as virtual datasets over the shards
+    (no copy; relative paths, so the folder can be moved)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w", track_order=True) as f:
+        for name in ROW_DATASETS:
+            with h5py.File(shards[0], "r") as first:
+                shape, dtype = (n_rows, *first[name].shape[1:]), first[name].dtype
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            for shard, rows in zip(shards, shard_rows):
+                if len(rows):
+                    layout[rows.start:rows.stop] = h5py.VirtualSource(
+                        f"{Path(shard).parent.name}/{Path(shard).name}", name, shape=(len(rows), *shape[1:]))
+            f.create_virtual_dataset(name, layout)
+        for name, t in texts.items():
+            f[name] = t.numpy().astype(np.float16)
+        store.write_attrs(f, {"format_version": store.FORMAT_VERSION, **attrs})
+    os.replace(tmp, path)
+
+
+@dataclass
+class TextTargets:
+    """The teacher's text side."""
+
+    classifier: torch.Tensor  # [C, D] the chosen templates, averaged and normalised
+    ensemble: torch.Tensor    # [C, D] RISE's 7-template ensemble, averaged and normalised
+    anchors: torch.Tensor     # [C, A, D] "a {d} of a {class}." for the chosen anchor names d
+
+
+class TeacherCache:
+    """The whole store in memory (training reads every array; HDF5 row reads are slow)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.attrs = store.read_attrs(self.path)
+        self.image_emb = torch.from_numpy(store.read(self.path, "image_emb"))  # float16
+        self.view_params = store.read(self.path, "view_params")
+        self.classifier = torch.from_numpy(store.read(self.path, "classifier")).float()
+        self.n_views = self.image_emb.shape[1]
+        self.anchor_names = self.attrs["anchor_names"]
+
+    @property
+    def dim(self) -> int:
+        return self.image_emb.shape[-1]
+
+    def targets(self, items: torch.Tensor) -> torch.Tensor:
+        """Teacher image embeddings (float32) of flat items ``row * n_views + view``."""
+        return self.image_emb.flatten(0, 1)[items].float()
+
+    def generic_anchors(self) -> list:
+        return [a for a in self.anchor_names if a not in self.attrs["domains"]]
+
+    def text(self, anchors: list) -> TextTargets:
+        """The text targets, with RISE's anchors restricted to the given anchor names."""
+        chosen = [self.anchor_names.index(a) for a in anchors]
+        return TextTargets(classifier=self.classifier,
+                           ensemble=torch.from_numpy(store.read(self.path, "rise_classifier")).float(),
+                           anchors=torch.from_numpy(store.read(self.path, "anchor_emb"))[:, chosen].float())

@@ -1,0 +1,86 @@
+"""A stage: one step of the pipeline that declares what it depends on and what it writes.
+
+Every stage (extract, student features, align, distill, evaluate) is a ``Stage``: a folder in the
+run folder, a ``config`` (its settings), ``inputs`` (fingerprints of what it reads: other stages'
+outputs, the dataset, the teacher's weights), ``outputs`` (files it writes in its folder) and
+``compute``. ``run`` is the one place that decides: skip when the manifest says the stage is
+fresh, otherwise check, forget the old record, compute, and write the new manifest (the shape of
+a DVC stage).
+"""
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from cache import manifest
+from cache.errors import UserError
+from cache.progress import say
+
+
+class Stage:
+    folder: Path
+    force = False
+    config: dict = {}
+    inputs: dict = {}
+    outputs: list = []
+
+    def describe(self) -> str:
+        """What the stage is, for messages: e.g. "align for held-out 'sketch' (resnet50...)"."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse bad settings before anything is forgotten (raise UserError)."""
+
+    def compute(self) -> dict | None:
+        """Write the outputs into ``folder``; return the summary (None: another rank writes)."""
+        raise NotImplementedError
+
+    def published(self, summary: dict) -> None:
+        """After the manifest is written: anything that must follow a finished stage."""
+
+    def why_stale(self) -> str | None:
+        return manifest.why_stale(self.folder, self.config, self.inputs)
+
+
+def run(stage: Stage, force: bool = False, quiet: bool = False) -> dict | None:
+    """Run ``stage`` unless it is fresh; returns its summary (the recorded one when skipped)."""
+    stage.force = force
+    if not force and stage.why_stale() is None:
+        if not quiet:
+            say(f"{stage.describe()}: up to date; --force recomputes")
+        return manifest.load(stage.folder)["summary"]
+    stage.check()
+    Path(stage.folder).mkdir(parents=True, exist_ok=True)
+    manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh
+    summary = stage.compute()
+    if summary is None:
+        return None
+    manifest.write(stage.folder, stage.config, stage.inputs, stage.outputs, summary)
+    stage.published(summary)
+    return summary
+
+
+def save_outputs(folder, weights: dict, config: dict, log: list) -> list:
+    """Write ``{name}.safetensors`` per state dict, ``config.json`` and ``log.jsonl``; their names."""
+    folder = Path(folder)
+    for name, state in weights.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, folder / f"{name}.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    return [f"{name}.safetensors" for name in weights] + ["config.json", "log.jsonl"]
+
+
+def require_positive(**values) -> None:
+    """Counts such as steps and batch sizes: positive integers."""
+    for name, value in values.items():
+        if value is None or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def require_rates(hparams: dict) -> None:
+    """Learning rates are non-negative, temperatures positive."""
+    for name, value in hparams.items():
+        if value is None:
+            continue
+        if (name == "lr" and value < 0) or (name == "temperature" and value <= 0):
+            raise UserError(f"--{name} must be {'non-negative' if name == 'lr' else 'positive'}, got {value}")
