@@ -259,7 +259,7 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
         correct, total_loss = 0, 0.0
         for items, *pixels in loader(dataset, np.asarray(val_rows) * dataset.n_views, 128, 0):
             batch = make_batch(items, *pixels)
-            logits, loss = method.evaluate(batch)
+            logits, loss = method.score(batch)
             correct += int((logits.argmax(-1) == batch.labels).sum())
             total_loss += loss * len(items)
         return correct / max(len(val_rows), 1), total_loss / max(len(val_rows), 1)

@@ -158,7 +158,7 @@ class Method:
         return {"loss": loss.item()}
 
     @torch.no_grad()
-    def evaluate(self, batch: Batch) -> tuple:
+    def score(self, batch: Batch) -> tuple:
         """(logits, loss) without updating: for validation and the SWAD loss valley."""
         self.model.eval()
         outputs = self._forward(batch.images)

@@ -707,7 +707,7 @@ def test_evaluate_and_predict_do_not_change_the_model(cls):
     method.update(tiny_batch())  # non-trivial BatchNorm statistics and optimiser state
     before = snapshot(method.model)
     b = tiny_batch()
-    logits, loss = method.evaluate(b)
+    logits, loss = method.score(b)
     assert logits.shape == (4, C) and isinstance(loss, float) and math.isfinite(loss)
     pred = method.predict(b.images)
     assert pred.shape == (4, C)
