@@ -130,9 +130,14 @@ class InputSpec:
     std: tuple
     interpolation: str = "bicubic"
 
-    def __call__(self, view: Image.Image) -> torch.Tensor:
+    def resize(self, view: Image.Image) -> np.ndarray:
+        """The view at this model's input size, [size, size, 3] uint8: what ``__call__`` normalises
+        and what the student pixel cache (``cache/pixels.py``) stores."""
         resample = _RESAMPLE.get(self.interpolation, Image.BICUBIC)
-        pixels = np.asarray(view.resize((self.size, self.size), resample), dtype=np.float32) / 255.0
+        return np.asarray(view.resize((self.size, self.size), resample), dtype=np.uint8)
+
+    def __call__(self, view: Image.Image) -> torch.Tensor:
+        pixels = self.resize(view).astype(np.float32) / 255.0
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
