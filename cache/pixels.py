@@ -79,23 +79,38 @@ def render_row(path, params: np.ndarray, spec: views_mod.InputSpec) -> np.ndarra
     return render_views(load_image(path), params, spec)
 
 
+def lookup_table(spec: views_mod.InputSpec) -> np.ndarray:
+    """[3, 256] float32: ``InputSpec.__call__``'s own arithmetic applied to every byte value."""
+    values = np.arange(256, dtype=np.float32)[:, None] / 255.0
+    table = (values - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(table.T)
+
+
 def normalise(pixels: torch.Tensor, spec: views_mod.InputSpec, device=None) -> torch.Tensor:
     """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], bit-identical to ``InputSpec.__call__``.
 
-    Same operations in the same order, all in float32: ``x / 255``, ``- mean``, ``/ std``. The
-    divisor is a tensor on the device, never a Python number: CUDA turns division by a CPU
-    scalar into multiplication by its reciprocal, which can differ in the last bit. On CUDA the
-    result is channels-last (as training wants it), elsewhere contiguous.
+    Each byte is looked up in ``lookup_table(spec)``, which is ``InputSpec.__call__``'s float32
+    arithmetic evaluated once for all 256 values (in NumPy, as ``__call__`` does), so the result
+    is the same bits on any device whatever its division or fused-multiply-add rounding (CUDA,
+    for one, divides by a scalar through its reciprocal). On a CUDA device the result is
+    channels-last, as training wants it; on the CPU it is contiguous.
     """
-    x = pixels.to(device, non_blocking=True) if device is not None else pixels
-    dev = x.device
-    x = x.to(torch.float32)
-    scale = torch.tensor(255.0, dtype=torch.float32, device=dev)
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=dev)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=dev)
-    x = torch.div(x, scale).sub_(mean).div_(std).permute(0, 3, 1, 2)
-    fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    return x.contiguous(memory_format=fmt)
+    target = torch.device(device) if device is not None else pixels.device
+    table = lookup_table(spec)
+    if target.type == "cpu":
+        x = pixels.cpu().numpy()
+        out = np.empty((x.shape[0], 3, x.shape[1], x.shape[2]), np.float32)
+        for c in range(3):
+            np.take(table[c], x[..., c], out=out[:, c])
+        return torch.from_numpy(out)
+    return _gather(pixels.to(target, non_blocking=True), table)
+
+
+def _gather(x: torch.Tensor, table: np.ndarray) -> torch.Tensor:
+    """The device path of ``normalise``: a gather from the table, no arithmetic on the device."""
+    flat = torch.from_numpy(table.reshape(-1)).to(x.device)
+    offsets = torch.tensor([0, 256, 512], dtype=torch.int64, device=x.device)
+    return flat[x.to(torch.int64) + offsets].permute(0, 3, 1, 2)
 
 
 # ------------------------------------------------------------------------------ identity

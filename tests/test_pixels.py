@@ -112,6 +112,11 @@ def test_normalise_is_bit_identical_to_input_spec_for_every_byte():
     assert out.shape == (4, 3, 16, 16) and out.dtype == torch.float32 and out.is_contiguous()
     for i in range(4):
         assert torch.equal(out[i], spec(Image.fromarray(batch[i], "RGB")))
+    # the device path (a gather from the same table), run here on the CPU; and on CUDA when present
+    gathered = pixels._gather(torch.from_numpy(batch), pixels.lookup_table(spec))
+    assert torch.equal(gathered, out) and gathered.is_contiguous(memory_format=torch.channels_last)
+    if torch.cuda.is_available():
+        assert torch.equal(pixels.normalise(torch.from_numpy(batch), spec, device="cuda").cpu(), out)
     # resize is the uint8 half of __call__
     image = noise_image(30, 20)
     assert torch.equal(pixels.normalise(torch.from_numpy(np.array(spec.resize(image)))[None], spec)[0], spec(image))
