@@ -479,3 +479,70 @@ class PixelImages(torch.utils.data.Dataset):
         items = np.asarray(items, np.int64)
         pixels = torch.from_numpy(self.reader.read(items // self.n_views, items % self.n_views))
         return [(int(i), p) for i, p in zip(items, pixels)]
+
+
+class PixelBatches:
+    """Batches ``(items, uint8 pixels [B, S, S, 3])`` for the batches of ``batch_sampler``, read
+    ahead by one background thread of this process: no worker processes, no shared-memory copies.
+
+    Positional reads release the GIL, so reading overlaps the training step; each batch is read
+    straight into its own (optionally pinned) buffer. At most ``prefetch`` batches wait in memory.
+    The same batches, in the same order, as a DataLoader over ``PixelImages`` with that sampler.
+    """
+
+    def __init__(self, dataset: PixelImages, batch_sampler, prefetch: int = 2, pin_memory: bool = False):
+        self.dataset, self.batch_sampler = dataset, batch_sampler
+        self.prefetch, self.pin_memory = max(1, prefetch), pin_memory
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def _read(self, batch) -> tuple:
+        items = torch.as_tensor(np.asarray(batch, np.int64))
+        reader = self.dataset.reader
+        out = torch.empty((len(items), reader.size, reader.size, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
+        reader.read(items.numpy() // reader.n_views, items.numpy() % reader.n_views, out=out.numpy())
+        return items, out
+
+    def __iter__(self):
+        import queue
+        import threading
+
+        ready, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        end = object()
+
+        def produce():
+            try:
+                for batch in self.batch_sampler:
+                    if stop.is_set():
+                        return
+                    result = self._read(batch)
+                    while not stop.is_set():
+                        try:
+                            ready.put(result, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                result = end
+            except BaseException as e:  # handed to the consumer, raised there
+                result = e
+            while not stop.is_set():
+                try:
+                    ready.put(result, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        thread = threading.Thread(target=produce, name="pixel-batches", daemon=True)
+        thread.start()
+        try:
+            while True:
+                result = ready.get()
+                if result is end:
+                    return
+                if isinstance(result, BaseException):
+                    raise result
+                yield result
+        finally:
+            stop.set()
+            thread.join()

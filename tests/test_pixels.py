@@ -273,3 +273,20 @@ def test_compressed_form_is_lossless_and_smaller(source, tmp_path):
     assert pixels.describe(raw)["bytes"] >= n * N_VIEWS * 40 * 40 * 3
     assert pixels.describe(webp)["bytes"] < pixels.describe(raw)["bytes"]
     assert pixels.describe(webp)["form"] == "webp"
+
+
+def test_thread_batches_equal_dataloader_batches_and_stop_early(source, tmp_path):
+    path = tmp_path / "pixels.h5"
+    build(path, source)
+    dataset = pixels.PixelImages(path)
+    batches = [[3, 17, 0, 24], [9, 1], [20, 21, 22], [5], [7, 8]]
+    expected = list(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=0))
+    got = list(pixels.PixelBatches(dataset, batches, prefetch=1))
+    assert len(got) == len(expected) == len(pixels.PixelBatches(dataset, batches))
+    for (items, px), (want_items, want_px) in zip(got, expected):
+        assert torch.equal(items, want_items) and torch.equal(px, want_px) and px.dtype == torch.uint8
+    iterator = iter(pixels.PixelBatches(dataset, batches, prefetch=1))
+    next(iterator)
+    iterator.close()  # leaving early stops the reading thread
+    with pytest.raises(IndexError):  # errors in the thread reach the consumer
+        list(pixels.PixelBatches(dataset, [[0], [10_000]]))
