@@ -37,6 +37,7 @@ not depend on the number of images.
 import io
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import h5py
@@ -370,12 +371,16 @@ def describe(path) -> dict:
     attrs = store.read_attrs(path)
     status = store.read(path, "status")
     return {"form": attrs["form"], "size": attrs["size"], "views": attrs["views"], "images": attrs["images"],
-            "bytes": size_on_disk(path), "bytes_per_image": round(size_on_disk(path) / max(attrs["images"], 1)),
+            "bytes": size_on_disk(path), "apparent_bytes": os.path.getsize(path), "bytes_per_image": round(size_on_disk(path) / max(attrs["images"], 1)),
             "done": int((status == DONE).sum()), "failed": int((status == FAILED).sum()),
             "pending": int((status == PENDING).sum())}
 
 
 # ------------------------------------------------------------------------------ reading
+
+_OPEN_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().update(_OPEN_LOCK=threading.Lock()))
+
 
 class PixelReader:
     """Random access to (row, view) pixels of a pixel cache, by positional reads.
@@ -405,7 +410,11 @@ class PixelReader:
         return state
 
     def _open(self) -> int:
-        if self._pid != os.getpid():
+        if self._pid == os.getpid():
+            return self._fd
+        with _OPEN_LOCK:  # a reader thread and the main thread may both be first
+            if self._pid == os.getpid():
+                return self._fd
             with h5py.File(self.path, "r") as f:
                 names = ("pixels", "status") if self.form == "raw" else ("data", "offsets", "status")
                 for name in names:
@@ -415,7 +424,7 @@ class PixelReader:
                     self._offsets[name] = ds.id.get_offset()
             self._fd = os.open(self.path, os.O_RDONLY)
             self._pid = os.getpid()
-        return self._fd
+            return self._fd
 
     def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():

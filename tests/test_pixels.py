@@ -290,3 +290,33 @@ def test_thread_batches_equal_dataloader_batches_and_stop_early(source, tmp_path
     iterator.close()  # leaving early stops the reading thread
     with pytest.raises(IndexError):  # errors in the thread reach the consumer
         list(pixels.PixelBatches(dataset, [[0], [10_000]]))
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
+def test_reading_every_row_does_not_grow_resident_memory(tmp_path):
+    """A 25 MB cache read end to end: after the first batches (allocator and thread set-up),
+    resident memory stays flat while the remaining 18 MB are read."""
+    n, k, s = 2000, 4, 32
+    path = tmp_path / "pixels.h5"
+    wanted = pixels.identity(InputSpec(s, (0.5,) * 3, (0.5,) * 3), n, k, {"dataset_fingerprint": "x"})
+    pixels._create(path, {"pixels": ((n, k, s, s, 3), np.uint8), "status": ((n,), np.uint8)},
+                   pixels._attrs(wanted, 64), {"status": np.full(n, pixels.DONE, np.uint8)})
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "r+") as f:
+        for start in range(0, n, 500):
+            f["pixels"][start:start + 500] = rng.integers(0, 256, (500, k, s, s, 3), dtype=np.uint8)
+        probe = f["pixels"][1234, 3]
+    dataset = pixels.PixelImages(path, wanted)
+    batches = [list(range(i, i + 200)) for i in range(0, n * k, 200)]
+    warm, checksum = None, 0
+    for j, (items, px) in enumerate(pixels.PixelBatches(dataset, batches)):
+        checksum += int(px[:, 0, 0, 0].sum())
+        if j == 10:
+            warm = _resident_bytes()
+    growth = _resident_bytes() - warm
+    assert growth < 4 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MB while reading 18 MB of pixels"
+    assert np.array_equal(dataset[1234 * k + 3][1].numpy(), probe)
