@@ -182,7 +182,7 @@ class _RenderRows(torch.utils.data.Dataset):
 def _collate(items):
     rows, pixels, errors = zip(*items)
     if isinstance(pixels[0], np.ndarray):
-        pixels = np.stack(pixels)
+        pixels = torch.from_numpy(np.stack(pixels))  # a tensor: leaves a worker through shared memory
     return list(rows), pixels, list(errors)
 
 
@@ -265,10 +265,15 @@ def build(path, root, paths, view_params: np.ndarray, spec: views_mod.InputSpec,
         else:
             parts.mkdir(exist_ok=True)
             marker = parts / "identity.json"
-            if marker.exists() and mismatches(_load_json(marker), wanted):
-                if not force:
+            if marker.exists():
+                recorded = _load_json(marker)
+                if mismatches(recorded, wanted):
                     raise StalePixels(f"{parts}: partial pixel cache for other settings; rebuild it (--force)")
-            marker.write_text(_dump_json(wanted))
+                block = int(recorded["block"])  # parts are whole blocks: resume with the same ones
+                attrs["block"] = block
+                blocks = [range(start, min(start + block, n)) for start in range(0, n, block)]
+            else:
+                marker.write_text(_dump_json({**wanted, "block": block}))
             pending = [b for b in blocks if not (parts / _part_name(b.start)).exists()]
     done_now, failed = 0, []
     if pending:
@@ -280,7 +285,7 @@ def build(path, root, paths, view_params: np.ndarray, spec: views_mod.InputSpec,
             with h5py.File(path, "r+") as f:
                 for rows, pixels, errors in batches:
                     where = slice(rows[0], rows[-1] + 1)
-                    f["pixels"][where] = pixels
+                    f["pixels"][where] = pixels.numpy()
                     f.flush()  # a row is marked done only once its pixels are on disk
                     f["status"][where] = [FAILED if e else DONE for e in errors]
                     f.flush()

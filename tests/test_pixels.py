@@ -69,7 +69,7 @@ def wanted(source, form="raw", fingerprint="fp"):
 def test_cached_pixels_equal_replay_after_normalisation(source, tmp_path, form):
     root, paths, params = source
     path = tmp_path / "pixels.h5"
-    summary = build(path, source, form=form)
+    summary = build(path, source, form=form, workers=2 if form == "raw" else 0)  # rendered in workers, too
     assert summary["complete"] and summary["failed_now"] == []
     replay = ReplayImages(root, paths, params, SPEC)
     dataset = pixels.PixelImages(path, wanted(source, form))
@@ -170,7 +170,9 @@ def test_compressed_form_resumes_from_finished_blocks(source, tmp_path):
     assert not first["complete"] and not path.exists() and first["rendered_now"] == 2
     parts = sorted(p.name for p in (tmp_path / "pixels.h5.parts").iterdir())
     assert parts == ["identity.json", "rows0000000000.npz"]
-    second = build(path, source, form="webp")
+    root, paths, params = source
+    second = pixels.build(path, root, paths, params, SPEC, source=pixels.source_identity(params, "fp"), block=4,
+                          form="webp")  # another block size: the recorded one is kept
     assert second["complete"] and second["rendered_now"] == 3 and not (tmp_path / "pixels.h5.parts").exists()
     reference = tmp_path / "reference.h5"
     build(reference, source, form="webp")
