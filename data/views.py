@@ -132,7 +132,7 @@ class InputSpec:
 
     def resize(self, view: Image.Image) -> np.ndarray:
         """The view at this model's input size, [size, size, 3] uint8: what ``__call__`` normalises
-        and what the student pixel cache (``cache/pixels.py``) stores."""
+        and what the student pixel cache (``data/pixels.py``) stores."""
         resample = _RESAMPLE.get(self.interpolation, Image.BICUBIC)
         return np.asarray(view.resize((self.size, self.size), resample), dtype=np.uint8)
 

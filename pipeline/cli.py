@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cache.errors import UserError
+from cache.progress import Interrupted
 from data.images import BadImage
 from pipeline import config
 from pipeline.runfolder import RunFolder
@@ -16,6 +17,7 @@ from stages.align import run_alignment
 from stages.distill import Distill
 from stages.evaluate import Evaluate
 from stages.extract import VIEWS, Extract
+from stages.pixels import FORMS as PIXEL_FORMS
 from stages.methods import ALIGN_HPARAMS, DEFAULT_METHOD, HPARAM_HELP, METHODS, all_hparams
 
 HELD_OUT = click.option("--holdout", required=True, help="The domain left out of training (evaluated as unseen).")
@@ -25,6 +27,10 @@ POSITIVE = click.IntRange(min=1)
 WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=0),
                        help="DataLoader worker processes that decode and augment images.")
 FORCE = click.option("--force", is_flag=True, help="Recompute even if the stage is up to date.")
+PIXEL_CACHE = click.option(
+    "--pixel-cache", type=click.Choice(PIXEL_FORMS), default="raw", show_default=True,
+    help="Train from the student's view pixels rendered once (raw uint8, or lossless webp: ~0.4x the disk, "
+         "~1 ms/view to decode), or 'none': decode and render every step (the reference).")
 SEED = click.option("--seed", default=0, show_default=True, help="Training seed.")
 PER_DOMAIN = click.option("--per-domain", default=config.REAL["per_domain"], show_default=True,
                           help="Images per source domain in each step.")
@@ -45,6 +51,9 @@ class Commands(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             raise Failure(str(e))
+        except Interrupted as e:  # Ctrl-C: stopped at a safe point, everything written is kept
+            click.echo(str(e), err=True)
+            raise SystemExit(130)
         except BadImage as e:  # an image changed or vanished after extraction
             raise Failure(f"{e}; the dataset changed since extraction: re-run `pipeline extract`")
         except OSError as e:
@@ -152,16 +161,17 @@ TRAINED = [m for m, cls in METHODS.items() if cls.trains]
 @click.option("--swad/--no-swad", default=None, help="SWAD weight averaging (default: the method's).")
 @click.option("--teacher-online", is_flag=True,
               help="Run the teacher on every replayed view instead of reading the cache (the reference).")
+@PIXEL_CACHE
 @WORKERS
 @FORCE
 def distill(run_dir, method, holdout, student, student_weights, student_size, steps, per_domain, seed,
-            eval_every, anchors, cutmix, swad, teacher_online, workers, force, **hparams):
+            eval_every, anchors, cutmix, swad, teacher_online, pixel_cache, workers, force, **hparams):
     """Train a student on replayed views against the cached teacher embeddings."""
     with RunFolder(run_dir).writing() as run:
         stage.run(Distill(run, method, holdout, student=student, student_weights=student_weights,
                           student_size=student_size, steps=steps, per_domain=per_domain, seed=seed,
                           eval_every=eval_every, workers=workers, hparams=hparams, cutmix=cutmix, swad=swad,
-                          anchors=anchors, teacher_online=teacher_online), force)
+                          anchors=anchors, teacher_online=teacher_online, pixel_cache=pixel_cache), force)
 
 
 @main.command()
@@ -206,10 +216,11 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
 @click.option("--per-domain", type=POSITIVE, default=None, help="Images per source domain per step.")
 @click.option("--eval-every", type=POSITIVE, default=None, help="Steps between source-val checks.")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
+@PIXEL_CACHE
 @WORKERS
 @FORCE
 def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, student, student_weights,
-        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, workers, force):
+        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, pixel_cache, workers, force):
     """Every held-out domain x method x seed from one extraction, then the table.
 
     With no arguments: the built-in demo (generated shapes in four styles, tiny models).
@@ -220,7 +231,7 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
         "teacher": teacher, "pretrained": pretrained, "student": student, "student_weights": student_weights,
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
-        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix)
+        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, pixel_cache=pixel_cache)
 
 
 @main.command()

@@ -25,7 +25,7 @@ def parse_list(text: str, name: str) -> list:
 
 
 def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
-            workers: int, force: bool, cutmix: float = 0.0) -> str:
+            workers: int, force: bool, cutmix: float = 0.0, pixel_cache: str = "raw") -> str:
     settings = dict(config.REAL if data_root else config.DEMO)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     chosen_methods = parse_list(methods, "methods") if methods else \
@@ -85,7 +85,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                         own = ({**student, "student": aligned} if method.needs_alignment else student) \
                             if method.student == BACKBONE else {}
                         distill = Distill(run, name, holdout, **own, seed=seed, cutmix=0.0 if on_cache else cutmix,
-                                          hparams=hparams, **{**train, "steps": settings["align_steps"]
+                                          hparams=hparams, pixel_cache=pixel_cache, **{**train, "steps": settings["align_steps"]
                                                               if on_cache else settings["steps"]})
                         timed("distill", lambda: stage.run(distill, force))
                         if method.student == BACKBONE:

@@ -26,8 +26,11 @@ from cache.progress import Interrupted, StopFlag, progress, say
 from cache.teacher_cache import TeacherCache
 from data.cutmix import cutmix
 from data.images import ReplayImages
+from data.pixels import PixelBatches, normalise
+from data.views import InputSpec
 from data.sampling import BalancedViewSampler
-from stages import distributed
+from stages import distributed, stage
+from stages.pixels import FORMS as PIXEL_FORMS, StudentPixels
 from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage, require_positive, require_rates, save_outputs
@@ -49,8 +52,11 @@ class Distill(Stage):
                  student_weights: str = "imagenet", student_size=None, steps: int, per_domain: int,
                  seed: int = 0, eval_every: int, workers: int = 0, hparams: dict | None = None,
                  cutmix: float = 0.0, swad: bool | None = None, anchors: str = "domains",
-                 teacher_online: bool = False):
+                 teacher_online: bool = False, pixel_cache: str = "raw"):
         self.method = method_named(method)
+        if pixel_cache not in PIXEL_FORMS:
+            raise UserError(f"--pixel-cache must be one of {', '.join(PIXEL_FORMS)}, got '{pixel_cache}'")
+        self.pixel_cache = pixel_cache
         require_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
         require_rates(hparams or {})
         if not self.method.trains:
@@ -101,8 +107,14 @@ class Distill(Stage):
                 model.projection.load_state_dict(load_file(self.projection))
             trainer = self.method(model, text, c["steps"], **self.hparams)
             online = OnlineTargets(cached_teacher(cache)) if self.teacher_online else None
-            dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
-                                   teacher_spec=online.teacher.input_spec if online else None)
+            pixel_spec = None
+            if self.pixel_cache != "none" and online is None:  # the exact same pixels, rendered once
+                pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
+                stage.run(pixels, quiet=True)
+                dataset, pixel_spec = pixels.dataset(), spec
+            else:
+                dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
+                                       teacher_spec=online.teacher.input_spec if online else None)
             cutmix_note = f", CutMix p={c['cutmix']}" if c["cutmix"] else ""
             say(f"distill: {self.method.name}, {self.student['student']} on {', '.join(self.sources)} -> held-out "
                 f"'{self.holdout}', {c['steps']} steps of {c['per_domain']} images per domain"
@@ -111,16 +123,12 @@ class Distill(Stage):
             if self.force:
                 resume.unlink(missing_ok=True)
             rank, world = distributed.world()
-            try:
-                weights, log = train(trainer, dataset, cache, self.index.label, self.train_rows, self.val_rows,
-                                     steps=c["steps"], per_domain=c["per_domain"], seed=self.seed,
-                                     eval_every=c["eval_every"], workers=self.workers, cutmix_p=c["cutmix"],
-                                     swad=self.swad, resume_path=resume,
-                                     resume_key=sha256_json({"config": c, "inputs": self.inputs}), online=online,
-                                     rank=rank, world=world)
-            except Interrupted as stop:
-                say(str(stop))
-                raise SystemExit(130)
+            weights, log = train(trainer, dataset, cache, self.index.label, self.train_rows, self.val_rows,
+                                 steps=c["steps"], per_domain=c["per_domain"], seed=self.seed,
+                                 eval_every=c["eval_every"], workers=self.workers, cutmix_p=c["cutmix"],
+                                 swad=self.swad, resume_path=resume,
+                                 resume_key=sha256_json({"config": c, "inputs": self.inputs}), online=online,
+                                 rank=rank, world=world, pixel_spec=pixel_spec)
             if not distributed.is_main():
                 return None  # checkpoints and results are written once, by rank 0
         self.outputs = save_outputs(self.folder, weights, {**c, "holdout": self.holdout, "sources": self.sources,
@@ -194,7 +202,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
             val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
             workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
             swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
-            online: OnlineTargets | None = None, rank: int = 0, world: int = 1) -> tuple[dict, list]:
+            online: OnlineTargets | None = None, rank: int = 0, world: int = 1,
+            pixel_spec: InputSpec | None = None) -> tuple[dict, list]:
     """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log).
 
     Targets come from ``cache``, or with ``online`` from the teacher itself (``dataset`` then
@@ -247,8 +256,13 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
         torch.save(state, tmp)
         os.replace(tmp, resume_path)
 
+    def to_device(pixels) -> torch.Tensor:
+        if pixel_spec is not None:  # uint8 from the pixel cache, normalised on the training device
+            return normalise(pixels, pixel_spec, run_device)
+        return pixels.to(run_device, non_blocking=True)
+
     def make_batch(items, pixels, *teacher_pixels) -> Batch:
-        images = pixels.to(run_device, non_blocking=True)
+        images = to_device(pixels)
         if run_device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         targets = online(items, teacher_pixels[0]) if online is not None else cache.targets(items)
@@ -266,8 +280,11 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
 
     sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step,
                                   rank=rank, world=world)
-    batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                          pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
+    if pixel_spec is not None:  # reads ahead in a thread: no worker processes, no copies between them
+        batches = PixelBatches(dataset, sampler, pin_memory=run_device.type == "cuda")
+    else:
+        batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                              pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
     started, train_seconds = time.time(), 0.0
     with progress(total=steps, initial=first_step, desc=f"distill {method.name}", unit="step") as bar, \
             StopFlag() as stop:
@@ -307,7 +324,7 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
         bn_sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed + 1,
                                          min(BN_BATCHES, steps))
         bn_batches = torch.utils.data.DataLoader(dataset, batch_sampler=bn_sampler, num_workers=workers)
-        update_batchnorm(model, (pixels[0].to(run_device) for _, *pixels in bn_batches))
+        update_batchnorm(model, (to_device(pixels[0]) for _, *pixels in bn_batches))
         states["swad"] = copy.deepcopy(model.state_dict())
         acc, val_loss = validate()
         summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,

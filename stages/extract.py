@@ -108,11 +108,7 @@ class Extract(Stage):
         rows = range(len(index)) if world == 1 else shard_rows(len(index), self.batch_size, rank, world)
         target = store_path if world == 1 else shard_path(store_path, rank, world)
         with StopFlag() as stop:
-            try:
-                summary = self._fill(target, rows, stop)
-            except Interrupted as stopped:
-                say(str(stopped))
-                raise SystemExit(130)
+            summary = self._fill(target, rows, stop)
         if world > 1:
             distributed.barrier()  # every shard is complete
             if not distributed.is_main():

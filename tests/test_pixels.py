@@ -1,4 +1,4 @@
-"""The student pixel cache (cache/pixels.py): exact, resumable, refused when stale, fork-safe."""
+"""The student pixel cache (data/pixels.py): exact, resumable, refused when stale, fork-safe."""
 import multiprocessing
 import os
 import signal
@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cache import pixels, store
+from cache import store
+from data import pixels
 from data.images import BadImage, ReplayImages, load_image
 from data.views import PARAM_NAMES, InputSpec, render, sample_views
 

@@ -1,5 +1,6 @@
 """The student pixel cache (``pixels.h5``): every recorded view rendered once at one student's
-input size, so that training reads pixels and does nothing else on the CPU.
+input size, so that training reads pixels and does nothing else on the CPU. Its layout, writer
+and reader live here, beside the replay it caches (it renders with ``data.views``).
 
 One file per student input spec (size, interpolation; mean and std are applied on the training
 device and are not part of the pixels), shared by every method, held-out domain and seed. Row
