@@ -8,6 +8,7 @@ fresh, otherwise check, forget the old record, compute, and write the new manife
 a DVC stage).
 """
 import json
+import math
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -78,9 +79,11 @@ def require_positive(**values) -> None:
 
 
 def require_rates(hparams: dict) -> None:
-    """Learning rates are non-negative, temperatures positive."""
+    """Every rate, weight and temperature is finite; learning rates non-negative, temperatures positive."""
     for name, value in hparams.items():
         if value is None:
             continue
+        if not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if (name == "lr" and value < 0) or (name == "temperature" and value <= 0):
             raise UserError(f"--{name} must be {'non-negative' if name == 'lr' else 'positive'}, got {value}")
