@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cache import store
+from cache import jsonl, store
 from cache.errors import UserError
 from cache.progress import say
 from cache.teacher_cache import TeacherCache
@@ -74,8 +74,14 @@ class Evaluate(Stage):
         return result
 
     def published(self, summary: dict) -> None:
-        with open(self.run.results, "a") as f:
-            f.write(json.dumps(summary) + "\n")
+        jsonl.append(self.run.results, summary)
+
+    def reconcile(self, summary: dict) -> None:
+        """A finished evaluation whose row never reached results.jsonl (a crash in between) gets it now."""
+        row = json.loads((self.folder / "metrics.json").read_text())
+        if row not in jsonl.rows(self.run.results):
+            jsonl.append(self.run.results, row)
+            say(f"{self.describe()}: its row was missing from {self.run.results}; added from metrics.json")
 
 
 def eval_rows(index, holdout: str) -> dict:

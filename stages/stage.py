@@ -39,6 +39,9 @@ class Stage:
     def published(self, summary: dict) -> None:
         """After the manifest is written: anything that must follow a finished stage."""
 
+    def reconcile(self, summary: dict) -> None:
+        """When skipped as fresh: redo what ``published`` did if a crash lost it."""
+
     def why_stale(self) -> str | None:
         return manifest.why_stale(self.folder, self.config, self.inputs)
 
@@ -49,7 +52,9 @@ def run(stage: Stage, force: bool = False, quiet: bool = False) -> dict | None:
     if not force and stage.why_stale() is None:
         if not quiet:
             say(f"{stage.describe()}: up to date; --force recomputes")
-        return manifest.load(stage.folder)["summary"]
+        summary = manifest.load(stage.folder)["summary"]
+        stage.reconcile(summary)
+        return summary
     stage.check()
     Path(stage.folder).mkdir(parents=True, exist_ok=True)
     manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh
