@@ -57,6 +57,14 @@ def reading(path):
         yield f
 
 
+def readable(path) -> bool:
+    try:
+        read_attrs(path)
+        return True
+    except UserError:
+        return False
+
+
 def repair_hint(path) -> str:
     """What to run to recompute a damaged file, by the stage folder it is in."""
     path = Path(path)

@@ -70,6 +70,9 @@ class Extract(Stage):
             say(f"warning: teacher {self.teacher_name} has no weights: using a random initialisation")
         store_path = self.run.teacher_cache
         existing = store_path if store_path.exists() else shard_path(store_path, rank, world)
+        if existing.exists() and not self.force and not store.readable(existing):
+            say(f"extract: {existing} is damaged beyond repair (not a readable HDF5 file); rebuilding it")
+            existing.unlink()
         if self.force or not existing.exists():
             return
         if world > 1 and store_path.exists() and store.read_attrs(store_path).get("shards") != world:
@@ -169,6 +172,9 @@ class Extract(Stage):
         # Batches are fixed blocks of rows, so a resumed (or sharded) run feeds the teacher exactly
         # the batches an uninterrupted single run would: same numerics, same bytes. A block is
         # redone if any of its rows is pending.
+        damaged = teacher_cache.reset_damaged(store_path)
+        if damaged:
+            say(f"extract: {damaged} blocks of {store_path} were damaged; recomputing them")
         block = int(store.read_attrs(store_path)["batch_size"])
         status = store.read(store_path, "status")
         blocks = [list(range(start, min(start + block, rows.stop))) for start in range(rows.start, rows.stop, block)
