@@ -55,12 +55,25 @@ def _replace(stage_dir, manifest: dict) -> None:
     os.replace(tmp, Path(stage_dir) / MANIFEST)
 
 
-def invalidate(stage_dir) -> None:
+def invalidate(stage_dir) -> dict | None:
     """Mark a stage as being recomputed: an interrupted recompute is never fresh, but the record
-    of the last finished run (its summary and output hashes) is kept, not deleted."""
+    of the last finished run (its summary and output hashes) is kept, not deleted. Returns it."""
     recorded = load(stage_dir)
     if recorded is not None and not recorded.get("recomputing"):
         _replace(stage_dir, {**recorded, "recomputing": True})
+    return recorded
+
+
+def restore(stage_dir, recorded: dict | None) -> None:
+    """Put back the record of a finished run whose outputs a refused recompute left untouched."""
+    if recorded is None or recorded.get("recomputing"):
+        return
+    for name, output in recorded["outputs"].items():
+        path = Path(stage_dir) / name
+        if not path.exists() or (file_stat(path) != {"size": output["size"], "mtime_ns": output["mtime_ns"]}
+                                 and sha256_file(path) != output["sha256"]):
+            return
+    _replace(stage_dir, recorded)
 
 
 def output_hash(run_root, relpath: str) -> str | None:

@@ -98,6 +98,11 @@ def damaged_blocks(f: h5py.File, emb: np.ndarray, params: np.ndarray) -> list:
                                                   status[b * block:(b + 1) * block]), checksums[b])]
 
 
+def count_damaged(path) -> int:
+    with store.reading(path) as f:
+        return len(damaged_blocks(f, f["image_emb"][()], f["view_params"][()]))
+
+
 def reset_damaged(path) -> int:
     """Mark the damaged blocks of a store pending again, so extraction recomputes only them."""
     with h5py.File(path, "r+") as f:

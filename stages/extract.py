@@ -62,6 +62,15 @@ class Extract(Stage):
                 "anchor_names": index.domains + list(GENERIC_ANCHORS), "batch_size": self.batch_size,
                 "format_version": store.FORMAT_VERSION}
 
+    def why_stale(self) -> str | None:
+        """Also stale when the cache no longer matches its checksums, even with its size and mtime kept."""
+        why = super().why_stale()
+        if why is None and not store.readable(self.run.teacher_cache):
+            return "teacher.h5 is not readable"
+        if why is None and teacher_cache.count_damaged(self.run.teacher_cache):
+            return "teacher.h5 is damaged"
+        return why
+
     def check(self) -> None:
         """Never mix: a cache made with another teacher, view set or dataset is refused."""
         rank, world = distributed.world()

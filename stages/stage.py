@@ -57,8 +57,12 @@ def run(stage: Stage, force: bool = False, quiet: bool = False) -> dict | None:
         return summary
     stage.check()
     Path(stage.folder).mkdir(parents=True, exist_ok=True)
-    manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh
-    summary = stage.compute()
+    previous = manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh
+    try:
+        summary = stage.compute()
+    except UserError:  # refused (a damaged input, a diverging loss): the finished record still holds
+        manifest.restore(stage.folder, previous)
+        raise
     if summary is None:
         return None
     manifest.write(stage.folder, stage.config, stage.inputs, stage.outputs, summary)

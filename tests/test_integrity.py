@@ -1,0 +1,126 @@
+"""Nothing lost, part two: full disks, damaged caches, non-finite numbers, bookkeeping, symlink loops."""
+import errno
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ALIGN, DISTILL, invoke
+from test_robustness import cache_contents, reference  # noqa: F401  (the undisturbed extraction)
+
+
+def extract_args(dataset, run, teacher_dir):
+    return ("extract", "--data", dataset, "--run", run, "--teacher", f"local-dir:{teacher_dir}", "--views", 3,
+            "--workers", 0, "--batch-size", 2)
+
+
+def _fail_on(monkeypatch, target, name, nth, action):
+    """Make the ``nth`` call of ``target.name`` (an h5py method) fail or lie."""
+    real, calls = getattr(target, name), {"n": 0}
+
+    def patched(self, *args):
+        calls["n"] += 1
+        return action(real, self, *args) if calls["n"] == nth else real(self, *args)
+
+    monkeypatch.setattr(target, name, patched)
+
+
+def enospc(real, self, *args):
+    raise OSError(errno.ENOSPC, "No space left on device", "teacher.h5")
+
+
+def lost_write(real, self, key, value):  # the write "succeeds" but zeros reach the disk
+    return real(self, key, np.zeros_like(value))
+
+
+@pytest.mark.parametrize("name, nth, action", [
+    ("__setitem__", 9, enospc),        # a block's rows
+    ("__setitem__", 22, enospc),       # a status write
+    ("__setitem__", 15, lost_write),   # silently lost rows: found by the read-back
+])
+def test_full_disk_during_extraction_resumes_to_identical_cache(name, nth, action, tmp_path, teacher_dir, dataset,
+                                                                 reference, monkeypatch):  # noqa: F811
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _fail_on(patch, h5py.Dataset, name, nth, action)
+        result = invoke(*extract_args(dataset, run, teacher_dir))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    result = invoke(*extract_args(dataset, run, teacher_dir))
+    assert result.exit_code == 0 and "resuming" in result.output, result.output
+    assert cache_contents(run) == reference
+
+
+def test_failed_flush_surfaces(tmp_path, teacher_dir, dataset, reference, monkeypatch):  # noqa: F811
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _fail_on(patch, h5py.File, "flush", 6, enospc)
+        result = invoke(*extract_args(dataset, run, teacher_dir))
+    assert result.exit_code == 2 and "No space left" in result.output
+    assert invoke(*extract_args(dataset, run, teacher_dir)).exit_code == 0
+    assert cache_contents(run) == reference
+
+
+def test_full_disk_writing_student_features_then_same_command_completes(run_copy, tmp_path, monkeypatch):
+    args = ("align", "--run", run_copy, "--holdout", "photo", *ALIGN)
+    with monkeypatch.context() as patch:
+        _fail_on(patch, h5py.Dataset, "__setitem__", 1, enospc)
+        result = invoke(*args)
+    assert result.exit_code == 2 and "No space left" in result.output
+    assert invoke(*args).exit_code == 0
+    features = next((run_copy / "features").glob("*/features.h5"))
+    with h5py.File(features) as f:
+        assert np.isfinite(f["features"][()].astype(np.float32)).all() and f["features"][()].any()
+
+
+def _damage(path, dataset="image_emb", offset=0):
+    with h5py.File(path, "r") as f:
+        where = f[dataset].id.get_offset()
+    stat = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(where + offset)
+        f.write(b"\x7f" * 16)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its size and mtime kept
+
+
+def test_damaged_teacher_cache_is_named_and_only_damaged_blocks_are_recomputed(run_copy, teacher_dir, dataset):
+    assert invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).exit_code == 0
+    manifests = {p: p.read_bytes() for p in run_copy.rglob("manifest.json")}
+    store = run_copy / "extract" / "teacher.h5"
+    before = cache_contents(run_copy)
+    _damage(store)
+    for command in (("align", "--run", run_copy, "--holdout", "photo", *ALIGN, "--lr", "1e-3"),
+                    ("distill", "--run", run_copy, "--holdout", "photo", *DISTILL),
+                    ("evaluate", "--run", run_copy, "--method", "zeroshot", "--holdout", "photo")):
+        result = invoke(*command)
+        assert result.exit_code == 2 and "teacher.h5 is damaged" in result.output, result.output
+        assert "pipeline extract" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in run_copy.rglob("manifest.json")} == manifests
+    result = invoke("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher_dir}",
+                    "--views", 3, "--workers", 0, "--batch-size", 16)
+    assert result.exit_code == 0 and "1 blocks" in result.output, result.output
+    assert cache_contents(run_copy) == before
+    assert json.loads((run_copy / "extract" / "manifest.json").read_text())["summary"]["extracted_now"] == 16
+    assert "up to date" in invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_unreadable_teacher_cache_is_one_line_everywhere(damage, run_copy, teacher_dir, dataset):
+    assert invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).exit_code == 0
+    manifests = {p: p.read_bytes() for p in run_copy.rglob("manifest.json")}
+    store = run_copy / "extract" / "teacher.h5"
+    data = store.read_bytes()
+    store.write_bytes(data[:len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    for command in (("align", "--run", run_copy, "--holdout", "photo", *ALIGN),
+                    ("distill", "--run", run_copy, "--holdout", "photo", *DISTILL),
+                    ("evaluate", "--run", run_copy, "--method", "zeroshot", "--holdout", "photo"),
+                    ("info", "--run", run_copy)):
+        result = invoke(*command)
+        assert "Traceback" not in result.output and "OSError" not in result.output, result.output
+        assert command[0] == "info" or (result.exit_code == 2 and "teacher.h5" in result.output), result.output
+    assert {p: p.read_bytes() for p in run_copy.rglob("manifest.json")} == manifests
+    result = invoke("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher_dir}",
+                    "--views", 3, "--workers", 0, "--batch-size", 16)
+    assert result.exit_code == 0 and "rebuilding" in result.output, result.output
+    assert "up to date" in invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).output
