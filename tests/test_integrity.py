@@ -124,3 +124,67 @@ def test_unreadable_teacher_cache_is_one_line_everywhere(damage, run_copy, teach
                     "--views", 3, "--workers", 0, "--batch-size", 16)
     assert result.exit_code == 0 and "rebuilding" in result.output, result.output
     assert "up to date" in invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).output
+
+
+def test_symlink_loops_make_no_fake_domains_or_duplicates(tmp_path):
+    from PIL import Image
+    from data import domainbed
+    for domain in ("photo", "sketch"):
+        (tmp_path / domain / "circle").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / domain / "circle" / "a.png")
+    (tmp_path / "x").symlink_to(".")                         # a loop at domain level
+    (tmp_path / "photo" / "loop").symlink_to("..")           # and at class level
+    (tmp_path / "sketch" / "circle" / "again").symlink_to(".")  # and inside a class
+    index = domainbed.scan(tmp_path)
+    assert index.domains == ["photo", "sketch"] and index.classes == ["circle"]
+    assert sorted(index.paths) == ["photo/circle/a.png", "sketch/circle/a.png"]
+
+
+def test_non_finite_options_are_refused_and_finished_work_kept(run_copy):
+    assert invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).exit_code == 0
+    manifests = {p: p.read_bytes() for p in run_copy.rglob("manifest.json")}
+    for command in (("align", "--run", run_copy, "--holdout", "photo", *ALIGN, "--lr", "nan"),
+                    ("align", "--run", run_copy, "--holdout", "photo", *ALIGN, "--lam", "inf"),
+                    ("distill", "--run", run_copy, "--holdout", "photo", *DISTILL, "--lr", "nan"),
+                    ("distill", "--run", run_copy, "--holdout", "photo", "--method", "probe", *DISTILL,
+                     "--lr", "inf"),
+                    ("distill", "--run", run_copy, "--holdout", "photo", *DISTILL, "--cutmix", "nan")):
+        result = invoke(*command)
+        assert result.exit_code == 2 and ("finite" in result.output or "cutmix" in result.output), result.output
+    assert {p: p.read_bytes() for p in run_copy.rglob("manifest.json")} == manifests
+
+
+def test_diverging_loss_stops_and_keeps_the_finished_record(run_copy):
+    args = ("distill", "--run", run_copy, "--holdout", "photo", "--method", "erm", "--student", "test_resnet",
+            "--student-weights", "none", "--student-size", 32, "--steps", 4, "--per-domain", 2, "--eval-every", 2,
+            "--workers", 0)
+    assert invoke(*args).exit_code == 0
+    folder = next((run_copy / "distill" / "erm").glob("*/photo/seed0"))
+    recorded = (folder / "manifest.json").read_bytes()
+    result = invoke(*args, "--lr", "1e30", "--force")
+    assert result.exit_code == 2 and "loss became" in result.output, result.output
+    assert (folder / "manifest.json").read_bytes() == recorded
+    assert "up to date" in invoke(*args).output
+
+
+def test_unreadable_manifest_is_stale_and_force_works(run_copy, teacher_dir, dataset):
+    args = ("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher_dir}", "--views", 3,
+            "--workers", 0, "--batch-size", 16)
+    (run_copy / "extract" / "manifest.json").write_text("")
+    assert "up to date" not in invoke(*args).output
+    (run_copy / "extract" / "manifest.json").write_text("{not json")
+    assert invoke(*args, "--force").exit_code == 0
+    assert "up to date" in invoke(*args).output
+
+
+def test_results_rows_are_repaired_and_restored(run_copy):
+    args = ("evaluate", "--run", run_copy, "--method", "zeroshot", "--holdout", "photo")
+    assert invoke(*args).exit_code == 0
+    results = run_copy / "results.jsonl"
+    row = results.read_text()
+    results.write_text(row[:-20])  # a torn last line, and the evaluation's row lost with it
+    assert invoke(*args).exit_code == 0  # fresh: the row comes back from metrics.json
+    assert results.read_text() == row
+    assert invoke(*args, "--force").exit_code == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]  # strict JSON throughout
+    assert len(rows) == 2
