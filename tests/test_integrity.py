@@ -188,3 +188,22 @@ def test_results_rows_are_repaired_and_restored(run_copy):
     assert invoke(*args, "--force").exit_code == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]  # strict JSON throughout
     assert len(rows) == 2
+
+
+def test_full_disk_saving_a_distill_checkpoint_then_same_command_gives_same_weights(run_copy, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+    args = ("distill", "--run", run_copy, "--method", "erm", "--holdout", "sketch", "--student", "test_resnet",
+            "--student-weights", "none", "--student-size", 32, "--steps", 6, "--per-domain", 2,
+            "--eval-every", 2, "--workers", 0)
+    assert invoke(*args).exit_code == 0
+    out = next((run_copy / "distill" / "erm").glob("*/sketch/seed0"))
+    reference = load_file(out / "best.safetensors")
+    with monkeypatch.context() as patch:
+        _fail_on(patch, torch.serialization, "save", 2, lambda real, *a: enospc(real, None))
+        patch.setattr(torch, "save", torch.serialization.save)
+        result = invoke(*args, "--force")
+    assert result.exit_code == 2 and "No space left" in result.output, result.output
+    assert invoke(*args).exit_code == 0
+    resumed = load_file(out / "best.safetensors")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
