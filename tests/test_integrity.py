@@ -207,3 +207,18 @@ def test_full_disk_saving_a_distill_checkpoint_then_same_command_gives_same_weig
     assert invoke(*args).exit_code == 0
     resumed = load_file(out / "best.safetensors")
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_info_reads_while_an_extraction_holds_the_cache(run_copy):
+    import subprocess
+    import sys
+    writer = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
+                               "print('open', flush=True); time.sleep(60)", str(run_copy / "extract" / "teacher.h5")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        result = invoke("info", "--run", run_copy)
+        assert result.exit_code == 0 and "teacher:" in result.output, result.output
+    finally:
+        writer.kill()
+        writer.wait()
