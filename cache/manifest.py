@@ -21,11 +21,14 @@ def _normal(obj):
 
 
 def load(stage_dir) -> dict | None:
+    """The recorded manifest; None when there is none or it is unreadable (then the stage is stale)."""
     path = Path(stage_dir) / MANIFEST
-    if not path.exists():
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (FileNotFoundError, ValueError):  # missing, empty or torn: never trusted
         return None
-    with open(path) as f:
-        return json.load(f)
+    return recorded if isinstance(recorded, dict) and "outputs" in recorded else None
 
 
 def write(stage_dir, config: dict, inputs: dict, outputs: list, summary: dict | None = None) -> dict:
@@ -39,16 +42,38 @@ def write(stage_dir, config: dict, inputs: dict, outputs: list, summary: dict | 
         "summary": _normal(summary or {}),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = stage_dir / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, stage_dir / MANIFEST)
+    _replace(stage_dir, manifest)
     return manifest
 
 
-def invalidate(stage_dir) -> None:
-    """Forget a stage's record before recomputing it: an interrupted recompute is never fresh."""
-    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+def _replace(stage_dir, manifest: dict) -> None:
+    tmp = Path(stage_dir) / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(stage_dir) / MANIFEST)
+
+
+def invalidate(stage_dir) -> dict | None:
+    """Mark a stage as being recomputed: an interrupted recompute is never fresh, but the record
+    of the last finished run (its summary and output hashes) is kept, not deleted. Returns it."""
+    recorded = load(stage_dir)
+    if recorded is not None and not recorded.get("recomputing"):
+        _replace(stage_dir, {**recorded, "recomputing": True})
+    return recorded
+
+
+def restore(stage_dir, recorded: dict | None) -> None:
+    """Put back the record of a finished run whose outputs a refused recompute left untouched."""
+    if recorded is None or recorded.get("recomputing"):
+        return
+    for name, output in recorded["outputs"].items():
+        path = Path(stage_dir) / name
+        if not path.exists() or (file_stat(path) != {"size": output["size"], "mtime_ns": output["mtime_ns"]}
+                                 and sha256_file(path) != output["sha256"]):
+            return
+    _replace(stage_dir, recorded)
 
 
 def output_hash(run_root, relpath: str) -> str | None:
@@ -59,7 +84,8 @@ def output_hash(run_root, relpath: str) -> str | None:
     """
     path = Path(run_root) / relpath
     manifest = load(path.parent)
-    if manifest is None or path.name not in manifest["outputs"] or not path.exists():
+    if manifest is None or manifest.get("recomputing") or path.name not in manifest["outputs"] \
+            or not path.exists():
         return None
     recorded = manifest["outputs"][path.name]
     if file_stat(path) == {"size": recorded["size"], "mtime_ns": recorded["mtime_ns"]}:
@@ -73,6 +99,8 @@ def why_stale(stage_dir, config: dict, inputs: dict) -> str | None:
     manifest = load(stage_dir)
     if manifest is None:
         return "never run"
+    if manifest.get("recomputing"):
+        return "a recompute did not finish"
     changed = sorted(k for k in set(manifest["config"]) | set(_normal(config))
                      if manifest["config"].get(k) != _normal(config).get(k))
     if changed:

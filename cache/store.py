@@ -7,10 +7,13 @@ per-row fancy indexing in HDF5 is about 100x slower than indexing the array in m
 """
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from cache.errors import UserError
 
 FORMAT_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
@@ -27,7 +30,49 @@ def create(path, datasets: dict, attrs: dict) -> None:
         for name, (shape, dtype) in datasets.items():
             _create_preallocated(f, name, shape, dtype)
         write_attrs(f, {"format_version": FORMAT_VERSION, **attrs})
+        durable(f)
     os.replace(tmp, path)
+
+
+def durable(f: h5py.File) -> None:
+    """Flush and fsync: write errors (a full disk) raise here instead of being lost at close."""
+    f.flush()
+    os.fsync(f.id.get_vfd_handle())
+
+
+@contextmanager
+def reading(path):
+    """Open a store read-only. HDF5 file locking is off, so a reader never fails on a writer (whose
+    rows are only trusted once their status says done); a damaged file is one clear error."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno not in (None, 0):
+            raise
+        raise UserError(f"{path} is damaged or not an HDF5 file ({e}); "
+                        f"{repair_hint(path)}")
+    with f:
+        yield f
+
+
+def readable(path) -> bool:
+    try:
+        read_attrs(path)
+        return True
+    except UserError:
+        return False
+
+
+def repair_hint(path) -> str:
+    """What to run to recompute a damaged file, by the stage folder it is in."""
+    path = Path(path)
+    run = next((p for p in path.parents if (p / "extract").is_dir()), path.parent)
+    stage = path.relative_to(run).parts[0] if path.is_relative_to(run) else ""
+    command = {"extract": "pipeline extract --data ROOT", "features": "pipeline align",
+               "align": "pipeline align", "distill": "pipeline distill"}.get(stage, "the stage that wrote it")
+    return f"run `{command} --run {run}` with the same settings to recompute it"
 
 
 def _create_preallocated(f: h5py.File, name: str, shape, dtype) -> None:
@@ -52,7 +97,7 @@ def write_attrs(f: h5py.File, attrs: dict) -> None:
 
 def read_attrs(path) -> dict:
     """Attributes of the store, with JSON-encoded values decoded."""
-    with h5py.File(path, "r") as f:
+    with reading(path) as f:
         return {key: _decode(value) for key, value in f.attrs.items()}
 
 
@@ -68,10 +113,10 @@ def _decode(value):
 
 def read(path, name: str) -> np.ndarray:
     """Load one whole dataset into memory with a single contiguous read."""
-    with h5py.File(path, "r") as f:
+    with reading(path) as f:
         return f[name][()]
 
 
 def shapes(path) -> dict:
-    with h5py.File(path, "r") as f:
+    with reading(path) as f:
         return {name: (tuple(ds.shape), str(ds.dtype)) for name, ds in f.items()}

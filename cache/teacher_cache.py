@@ -5,6 +5,9 @@ Datasets (row ``i`` is row ``i`` of ``index.parquet``):
 - ``image_emb``       [images, views, dim] float16, L2-normalised teacher embedding of each view
 - ``view_params``     [images, views, len(PARAM_NAMES)] float32, the recorded view parameters
 - ``status``          [images] uint8: 0 pending, 1 done, 2 skipped (bad image)
+- ``block_sha256``    [blocks, 32] uint8: sha256 of each block's image_emb, view_params and status
+  rows, written and read back before its status; checked on every load, so a damaged or silently
+  lost write is found, and extraction recomputes just those blocks
 - ``text_emb``        [classes, templates, dim] float16, L2-normalised per prompt
 - ``classifier``      [classes, dim] float16: the templates averaged, then re-normalised
 - ``rise_text_emb``   [classes, 7, dim] float16: RISE's 7-template prompts, and their
@@ -15,10 +18,12 @@ Datasets (row ``i`` is row ``i`` of ``index.parquet``):
 Attributes: the teacher's identity (``IDENTITY_KEYS``: a store is reused only when all of them
 match), the templates, classes, domains and ``batch_size`` (the block of rows written at once).
 Row datasets are written block by block and ``status`` is set only after a block's embeddings
-are on disk, so a killed extraction resumes with the pending blocks. Under torchrun each rank
+are on disk (fsynced) and read back equal to their checksum, so a killed extraction resumes with the pending blocks. Under torchrun each rank
 writes a shard (``shards/rank{r}-of-{N}.h5``) and ``join_shards`` makes ``teacher.h5`` an HDF5
 virtual dataset over them that reads exactly like a single-process store.
 """
+import errno
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +33,10 @@ import numpy as np
 import torch
 
 from cache import store
+from cache.errors import UserError
 
 ROW_DATASETS = ("image_emb", "view_params", "status")
+CHECKSUMS = "block_sha256"
 TEXT_DATASETS = ("text_emb", "classifier", "rise_text_emb", "rise_classifier", "anchor_emb")
 # Attributes that must match for a store to be reused; any difference means a rebuild.
 IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "templates",
@@ -49,20 +56,62 @@ def create(path, n_rows: int, n_views: int, n_params: int, dim: int, texts: dict
     datasets = {"image_emb": ((n_rows, n_views, dim), np.float16),
                 "view_params": ((n_rows, n_views, n_params), np.float32),
                 "status": ((n_rows,), np.uint8),
+                CHECKSUMS: ((-(-n_rows // attrs["batch_size"]), 32), np.uint8),
                 **{name: (tuple(t.shape), np.float16) for name, t in texts.items()}}
     store.create(path, datasets, attrs)
     with h5py.File(path, "r+") as f:
         for name, t in texts.items():
             f[name][...] = t.numpy().astype(np.float16)
+        store.durable(f)
+
+
+def block_checksum(embeddings: np.ndarray, params: np.ndarray, status: np.ndarray) -> np.ndarray:
+    digest = hashlib.sha256()
+    for part in (embeddings, params, status):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return np.frombuffer(digest.digest(), np.uint8)
 
 
 def write_block(f: h5py.File, where: slice, embeddings: np.ndarray, params: np.ndarray, status: np.ndarray) -> None:
-    """One block of rows; its status is written only once its data is flushed."""
-    f["image_emb"][where] = embeddings.astype(np.float16)
+    """One block of rows. Its status is written only once its data and checksum are on disk and read
+    back intact: a full disk or a lost write raises, and the block stays pending."""
+    embeddings = embeddings.astype(np.float16)
+    checksum = block_checksum(embeddings, params, status)
+    f["image_emb"][where] = embeddings
     f["view_params"][where] = params
-    f.flush()
+    f[CHECKSUMS][where.start // f.attrs["batch_size"]] = checksum
+    store.durable(f)
+    if not np.array_equal(block_checksum(f["image_emb"][where], f["view_params"][where], status), checksum):
+        raise OSError(errno.EIO, "written rows did not read back intact", f.filename)
     f["status"][where] = status
-    f.flush()
+    store.durable(f)
+
+
+def damaged_blocks(f: h5py.File, emb: np.ndarray, params: np.ndarray) -> list:
+    """Blocks marked done or skipped whose rows (``emb``, ``params``: read from ``f``) no longer
+    match their checksum."""
+    if CHECKSUMS not in f:
+        return []  # a store written before checksums existed
+    block, status, checksums = int(f.attrs["batch_size"]), f["status"][()], f[CHECKSUMS][()]
+    return [b for b in range(len(checksums)) if (status[b * block:(b + 1) * block] != store.PENDING).any()
+            and not np.array_equal(block_checksum(emb[b * block:(b + 1) * block], params[b * block:(b + 1) * block],
+                                                  status[b * block:(b + 1) * block]), checksums[b])]
+
+
+def count_damaged(path) -> int:
+    with store.reading(path) as f:
+        return len(damaged_blocks(f, f["image_emb"][()], f["view_params"][()]))
+
+
+def reset_damaged(path) -> int:
+    """Mark the damaged blocks of a store pending again, so extraction recomputes only them."""
+    with h5py.File(path, "r+") as f:
+        damaged = damaged_blocks(f, f["image_emb"][()], f["view_params"][()])
+        block = int(f.attrs["batch_size"])
+        for b in damaged:
+            f["status"][b * block:(b + 1) * block] = store.PENDING
+        store.durable(f)
+    return len(damaged)
 
 
 def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, attrs: dict) -> None:
@@ -71,18 +120,23 @@ def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", track_order=True) as f:
-        for name in ROW_DATASETS:
+        block = attrs["batch_size"]
+        for name in (*ROW_DATASETS, CHECKSUMS):
+            # the checksums are per block, and every shard holds whole blocks
+            per = block if name == CHECKSUMS else 1
             with h5py.File(shards[0], "r") as first:
-                shape, dtype = (n_rows, *first[name].shape[1:]), first[name].dtype
+                shape, dtype = (-(-n_rows // per), *first[name].shape[1:]), first[name].dtype
             layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
             for shard, rows in zip(shards, shard_rows):
                 if len(rows):
-                    layout[rows.start:rows.stop] = h5py.VirtualSource(
-                        f"{Path(shard).parent.name}/{Path(shard).name}", name, shape=(len(rows), *shape[1:]))
+                    start, stop = rows.start // per, -(-rows.stop // per)
+                    layout[start:stop] = h5py.VirtualSource(
+                        f"{Path(shard).parent.name}/{Path(shard).name}", name, shape=(stop - start, *shape[1:]))
             f.create_virtual_dataset(name, layout)
         for name, t in texts.items():
             f[name] = t.numpy().astype(np.float16)
         store.write_attrs(f, {"format_version": store.FORMAT_VERSION, **attrs})
+        store.durable(f)
     os.replace(tmp, path)
 
 
@@ -101,8 +155,13 @@ class TeacherCache:
     def __init__(self, path):
         self.path = Path(path)
         self.attrs = store.read_attrs(self.path)
-        self.image_emb = torch.from_numpy(store.read(self.path, "image_emb"))  # float16
-        self.view_params = store.read(self.path, "view_params")
+        with store.reading(self.path) as f:
+            image_emb, self.view_params = f["image_emb"][()], f["view_params"][()]
+            damaged = damaged_blocks(f, image_emb, self.view_params)
+        if damaged:
+            raise UserError(f"{self.path} is damaged: {len(damaged)} blocks of rows do not match their "
+                            f"checksums; {store.repair_hint(self.path)} (only those blocks are recomputed)")
+        self.image_emb = torch.from_numpy(image_emb)  # float16
         self.classifier = torch.from_numpy(store.read(self.path, "classifier")).float()
         self.n_views = self.image_emb.shape[1]
         self.anchor_names = self.attrs["anchor_names"]

@@ -114,9 +114,17 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
     entries = []  # (domain, class, relative path, stat)
-    for domain_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for class_dir in sorted(p for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for image in sorted(class_dir.rglob("*")):
+    seen = {root.resolve()}  # folders already listed: a symlink back into one (a loop) is not followed
+
+    def new_folders(parent):
+        for p in sorted(parent.iterdir(), key=lambda p: (p.is_symlink(), p.name)):  # real folders first
+            if p.is_dir() and not p.name.startswith(".") and p.resolve() not in seen:
+                seen.add(p.resolve())
+                yield p
+
+    for domain_dir in list(new_folders(root)):
+        for class_dir in list(new_folders(domain_dir)):
+            for image in sorted(class_dir.rglob("*")):  # rglob does not follow symlinked folders
                 hidden = any(part.startswith(".") for part in image.relative_to(class_dir).parts)
                 if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file() and not hidden:
                     entries.append((domain_dir.name, class_dir.name,

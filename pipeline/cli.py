@@ -57,7 +57,11 @@ class Commands(click.Group):
         except BadImage as e:  # an image changed or vanished after extraction
             raise Failure(f"{e}; the dataset changed since extraction: re-run `pipeline extract`")
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT):
+            if e.errno is None:  # HDF5's own I/O errors carry no errno; the message says what failed
+                raise Failure(f"{e}; what was already written and verified is kept (re-run the same command "
+                              f"to continue)")
+            if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT, errno.EFBIG,
+                           errno.EIO):
                 raise Failure(f"{e.strerror}: {e.filename or ''}; what was already written is kept "
                               f"(re-run the same command to continue)")
             raise

@@ -25,10 +25,14 @@ def describe(run) -> dict:
     for path in sorted(run.root.rglob(manifest.MANIFEST)):
         stage_dir = path.parent
         recorded = manifest.load(stage_dir)
+        if recorded is None:
+            report["stages"].append({"stage": run.rel(stage_dir), "finished": None, "state": "stale",
+                                     "changed_inputs": [], "missing_outputs": [], "unreadable": True})
+            continue
         stale = manifest.stale_inputs(run.root, stage_dir)
         missing = [n for n in recorded["outputs"] if not (stage_dir / n).exists()]
         report["stages"].append({"stage": run.rel(stage_dir), "finished": recorded["finished"],
-                                 "state": "stale" if stale or missing else "fresh",
+                                 "state": "stale" if stale or missing or recorded.get("recomputing") else "fresh",
                                  "changed_inputs": stale, "missing_outputs": missing})
     for path in sorted(p for p in run.root.rglob("*") if p.is_file() and p.suffix in (".h5", ".parquet", ".safetensors", ".jsonl")):
         report["files"][run.rel(path)] = path.stat().st_size

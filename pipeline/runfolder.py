@@ -17,7 +17,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from cache import manifest
+from cache import manifest, store
 from cache.errors import UserError
 from cache.index import read_table
 from data.domainbed import ImageIndex
@@ -64,8 +64,14 @@ class RunFolder:
         return self.root / "evaluate" / label / student / holdout / f"seed{seed}"
 
     def output_hash(self, path) -> str | None:
-        """Fingerprint of a finished stage's output file (None if missing or unrecorded)."""
-        return manifest.output_hash(self.root, self.rel(path))
+        """Fingerprint of a finished stage's output file (None if missing or unrecorded). A later stage
+        reads only what its producer recorded: a file that changed since (damaged, or edited by hand)
+        is refused, naming what to run, before anything is recomputed or forgotten."""
+        digest = manifest.output_hash(self.root, self.rel(path))
+        if digest is not None and digest != manifest.load(Path(path).parent)["outputs"][Path(path).name]["sha256"]:
+            raise UserError(f"{path} differs from what its stage recorded (damaged, or changed by hand); "
+                            f"{store.repair_hint(path)}")
+        return digest
 
     def teacher_cache_input(self) -> dict:
         """The finished teacher cache as an input of a later stage."""

@@ -74,7 +74,7 @@ class Align(Stage):
                  lr: float = ALIGN_HPARAMS["lr"], lam: float = ALIGN_HPARAMS["lam"], seed: int = 0,
                  eval_every: int = 100):
         require_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
-        require_rates({"lr": lr})
+        require_rates({"lr": lr, "lam": lam})
         self.run, self.features, self.holdout, self.key = run, features, holdout, features.key
         self.sources, self.train_rows, self.val_rows = run.load_index().sources(holdout)
         self.folder = run.align_dir(self.key, holdout)

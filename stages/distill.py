@@ -30,6 +30,7 @@ from data.pixels import PixelBatches, normalise
 from data.views import InputSpec
 from data.sampling import BalancedViewSampler
 from stages import distributed, stage
+from stages.fit import require_finite
 from stages.pixels import FORMS as PIXEL_FORMS, StudentPixels
 from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
 from stages.runtime import device, loader
@@ -295,6 +296,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                 mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
                 batch = Batch(mixed, batch.labels, batch.image_emb, batch.labels[perm], batch.image_emb[perm], mix)
             losses.append(_global_mean(method.update(batch)["loss"], world))
+            require_finite(losses[-1], step, f"the last good state is kept in {resume_path}" if resume_path
+                           else "nothing was saved")
             if swad:
                 segment.add(model.state_dict())
             bar.update(1)

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cache import store
+from cache import jsonl, store
 from cache.errors import UserError
+from cache.progress import say
 from cache.teacher_cache import TeacherCache
 from data.domainbed import TRAIN, VAL
 from data.images import ReplayImages
@@ -69,12 +70,18 @@ class Evaluate(Stage):
         result = {"method": self.method.name, "model": self.model, "student": self.key, "teacher": attrs["teacher"],
                   "pretrained": attrs["pretrained"], "holdout": self.holdout, "seed": self.seed, **metrics,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (self.folder / "metrics.json").write_text(json.dumps(result, indent=2))
+        (self.folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
         return result
 
     def published(self, summary: dict) -> None:
-        with open(self.run.results, "a") as f:
-            f.write(json.dumps(summary) + "\n")
+        jsonl.append(self.run.results, summary)
+
+    def reconcile(self, summary: dict) -> None:
+        """A finished evaluation whose row never reached results.jsonl (a crash in between) gets it now."""
+        row = json.loads((self.folder / "metrics.json").read_text())
+        if row not in jsonl.rows(self.run.results):
+            jsonl.append(self.run.results, row)
+            say(f"{self.describe()}: its row was missing from {self.run.results}; added from metrics.json")
 
 
 def eval_rows(index, holdout: str) -> dict:
@@ -84,9 +91,16 @@ def eval_rows(index, holdout: str) -> dict:
 
 
 def summarize(accuracies: dict, splits: dict, holdout: str, counts: dict) -> dict:
+    empty = [d for d in accuracies if not counts[d]]
+    if holdout in empty:
+        raise UserError(f"held-out domain '{holdout}' has no usable images to score")
+    if empty:  # an accuracy of no images is not a number: leave the domain out, and say so
+        say(f"evaluate: warning: no usable images in {', '.join(empty)}; left out of the scores")
+    accuracies, splits, counts = ({d: v for d, v in x.items() if d not in empty} for x in (accuracies, splits, counts))
     sources = [d for d in accuracies if d != holdout]
-    source_val = float(np.average([accuracies[d] for d in sources], weights=[counts[d] for d in sources])) \
-        if sum(counts[d] for d in sources) else float("nan")
+    if not sources:
+        raise UserError("the source domains have no usable validation images to score")
+    source_val = float(np.average([accuracies[d] for d in sources], weights=[counts[d] for d in sources]))
     return {"holdout_acc": accuracies[holdout], "source_val_acc": source_val,
             "accuracy": accuracies, "split": splits, "images": counts}
 

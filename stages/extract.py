@@ -62,6 +62,15 @@ class Extract(Stage):
                 "anchor_names": index.domains + list(GENERIC_ANCHORS), "batch_size": self.batch_size,
                 "format_version": store.FORMAT_VERSION}
 
+    def why_stale(self) -> str | None:
+        """Also stale when the cache no longer matches its checksums, even with its size and mtime kept."""
+        why = super().why_stale()
+        if why is None and not store.readable(self.run.teacher_cache):
+            return "teacher.h5 is not readable"
+        if why is None and teacher_cache.count_damaged(self.run.teacher_cache):
+            return "teacher.h5 is damaged"
+        return why
+
     def check(self) -> None:
         """Never mix: a cache made with another teacher, view set or dataset is refused."""
         rank, world = distributed.world()
@@ -70,6 +79,9 @@ class Extract(Stage):
             say(f"warning: teacher {self.teacher_name} has no weights: using a random initialisation")
         store_path = self.run.teacher_cache
         existing = store_path if store_path.exists() else shard_path(store_path, rank, world)
+        if existing.exists() and not self.force and not store.readable(existing):
+            say(f"extract: {existing} is damaged beyond repair (not a readable HDF5 file); rebuilding it")
+            existing.unlink()
         if self.force or not existing.exists():
             return
         if world > 1 and store_path.exists() and store.read_attrs(store_path).get("shards") != world:
@@ -165,6 +177,9 @@ class Extract(Stage):
         # Batches are fixed blocks of rows, so a resumed (or sharded) run feeds the teacher exactly
         # the batches an uninterrupted single run would: same numerics, same bytes. A block is
         # redone if any of its rows is pending.
+        damaged = teacher_cache.reset_damaged(store_path)
+        if damaged:
+            say(f"extract: {damaged} blocks of {store_path} were damaged; recomputing them")
         block = int(store.read_attrs(store_path)["batch_size"])
         status = store.read(store_path, "status")
         blocks = [list(range(start, min(start + block, rows.stop))) for start in range(rows.start, rows.stop, block)

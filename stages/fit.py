@@ -1,8 +1,10 @@
 """Training a small module (a projection, a linear probe) on cached per-view arrays."""
 import copy
+import math
 
 import torch
 
+from cache.errors import UserError
 from cache.progress import progress
 from data.sampling import BalancedViewSampler
 
@@ -26,6 +28,7 @@ def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_
     for step, items in enumerate(progress(iterable=sampler, desc=desc, unit="step"), start=1):
         items = torch.as_tensor(items)
         batch_loss = loss(module(flat[items]), items // n_views, items)
+        require_finite(batch_loss.item(), step, "nothing was saved")
         optimizer.zero_grad(set_to_none=True)
         batch_loss.backward()
         optimizer.step()
@@ -36,3 +39,10 @@ def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_
             if acc > best[0]:
                 best = (acc, copy.deepcopy(module.state_dict()), step)
     return best[1], log + [{"best_step": best[2], "best_source_val_acc": best[0]}]
+
+
+def require_finite(loss: float, step: int, kept: str) -> None:
+    """A NaN or infinite loss only poisons the weights from here on: stop with a clear error."""
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss became {loss} at step {step}; {kept}; "
+                        f"try a smaller --lr (the finished results are untouched)")

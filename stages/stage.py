@@ -8,6 +8,7 @@ fresh, otherwise check, forget the old record, compute, and write the new manife
 a DVC stage).
 """
 import json
+import math
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -38,6 +39,9 @@ class Stage:
     def published(self, summary: dict) -> None:
         """After the manifest is written: anything that must follow a finished stage."""
 
+    def reconcile(self, summary: dict) -> None:
+        """When skipped as fresh: redo what ``published`` did if a crash lost it."""
+
     def why_stale(self) -> str | None:
         return manifest.why_stale(self.folder, self.config, self.inputs)
 
@@ -48,11 +52,17 @@ def run(stage: Stage, force: bool = False, quiet: bool = False) -> dict | None:
     if not force and stage.why_stale() is None:
         if not quiet:
             say(f"{stage.describe()}: up to date; --force recomputes")
-        return manifest.load(stage.folder)["summary"]
+        summary = manifest.load(stage.folder)["summary"]
+        stage.reconcile(summary)
+        return summary
     stage.check()
     Path(stage.folder).mkdir(parents=True, exist_ok=True)
-    manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh
-    summary = stage.compute()
+    previous = manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh
+    try:
+        summary = stage.compute()
+    except UserError:  # refused (a damaged input, a diverging loss): the finished record still holds
+        manifest.restore(stage.folder, previous)
+        raise
     if summary is None:
         return None
     manifest.write(stage.folder, stage.config, stage.inputs, stage.outputs, summary)
@@ -78,9 +88,11 @@ def require_positive(**values) -> None:
 
 
 def require_rates(hparams: dict) -> None:
-    """Learning rates are non-negative, temperatures positive."""
+    """Every rate, weight and temperature is finite; learning rates non-negative, temperatures positive."""
     for name, value in hparams.items():
         if value is None:
             continue
+        if not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if (name == "lr" and value < 0) or (name == "temperature" and value <= 0):
             raise UserError(f"--{name} must be {'non-negative' if name == 'lr' else 'positive'}, got {value}")
