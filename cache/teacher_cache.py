@@ -43,7 +43,8 @@ IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "te
                  "views", "view_seed", "augment", "dataset_fingerprint", "format_version")
 # Attributes `pipeline info` shows.
 DESCRIBED_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", "templates", "views",
-                  "view_seed", "augment", "preprocess", "dataset_fingerprint", "images", "format_version")
+                  "view_seed", "augment", "preprocess", "dataset_fingerprint", "images", "format_version",
+                  "remote")
 
 
 def mismatches(existing: dict, wanted: dict) -> list:

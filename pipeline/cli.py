@@ -88,9 +88,14 @@ def main():
               help="Dataset root in DomainBed layout: ROOT/<domain>/<class>/<image>.")
 @RUN
 @click.option("--teacher", default=config.REAL["teacher"], show_default=True,
-              help="open_clip model name, or local-dir:PATH (config and weights in a folder).")
+              help="open_clip model name, local-dir:PATH (config and weights in a folder), or the URL of a "
+                   "teacher service (http(s)://HOST:PORT[/v2/models/NAME]; token in $PIPELINE_TEACHER_TOKEN).")
 @click.option("--pretrained", default=config.REAL["pretrained"], show_default=True,
-              help="open_clip pretrained tag, a local checkpoint file, or 'none'.")
+              help="open_clip pretrained tag, a local checkpoint file, or 'none' (ignored for a URL).")
+@click.option("--max-queries", type=click.IntRange(min=0), default=None,
+              help="Remote teacher: refuse to start if the extraction needs more image + text queries than this.")
+@click.option("--teacher-concurrency", default=4, show_default=True, type=POSITIVE,
+              help="Remote teacher: requests in flight at once.")
 @click.option("--views", default=VIEWS, type=POSITIVE, show_default=True, help="Views per image (view 0 = eval view).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the view sampler.")
 @click.option("--templates", "template_set", default="photo", show_default=True,
@@ -100,13 +105,14 @@ def main():
 @click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per teacher batch.")
 @WORKERS
 @FORCE
-def extract(data_root, run_dir, teacher, pretrained, views, view_seed, template_set, val_fraction,
-            split_seed, batch_size, workers, force):
+def extract(data_root, run_dir, teacher, pretrained, max_queries, teacher_concurrency, views, view_seed,
+            template_set, val_fraction, split_seed, batch_size, workers, force):
     """Cache the teacher's embeddings of K views of every image and of every class prompt."""
     with RunFolder(run_dir).writing() as run:
         stage.run(Extract(run, data_root, teacher=teacher, pretrained=_none(pretrained), views=views,
                           view_seed=view_seed, template_set=template_set, val_fraction=val_fraction,
-                          split_seed=split_seed, batch_size=batch_size, workers=workers), force)
+                          split_seed=split_seed, batch_size=batch_size, workers=workers,
+                          max_queries=max_queries, teacher_concurrency=teacher_concurrency), force)
 
 
 def _none(value):
@@ -209,7 +215,7 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
                    f"also {','.join(m for m, cls in METHODS.items() if not cls.in_default_run)}).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated training seeds.")
 @click.option("--holdouts", default=None, help="Comma-separated held-out domains (default: all).")
-@click.option("--teacher", default=None, help="open_clip model name or local-dir:PATH.")
+@click.option("--teacher", default=None, help="open_clip model name, local-dir:PATH, or a teacher service URL.")
 @click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
 @click.option("--student", default=None, help="timm model name.")
 @click.option("--student-weights", default=None, help="imagenet, none or a weights file.")
@@ -262,6 +268,26 @@ def bench(teacher, pretrained, student, student_weights, student_size, images, v
     click.echo(render(results))
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
+
+
+@main.command("serve-teacher")
+@click.option("--teacher", required=True, help="open_clip model name, or local-dir:PATH.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag, a local checkpoint file, or 'none'.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--model-name", default="teacher", show_default=True, help="The model's name in /v2/models/NAME.")
+@click.option("--token-env", default="PIPELINE_TEACHER_TOKEN", show_default=True,
+              help="Environment variable holding a bearer token that clients must send (unset: none).")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Serve HTTPS with this certificate (PEM); with --tls-key.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="The certificate's key.")
+@click.option("--inject-faults", default=None, hidden=True, help="Testing only: 429=P,slow=P,slow_s=S,seed=N.")
+def serve_teacher(teacher, pretrained, host, port, model_name, token_env, device, tls_cert, tls_key, inject_faults):
+    """Serve an open_clip teacher on the Open Inference Protocol (KServe v2) for `extract --teacher URL`."""
+    from pipeline.serve import serve
+    serve(teacher, _none(pretrained), host=host, port=port, model_name=model_name, token_env=token_env,
+          faults=inject_faults, device=device, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @main.command()

@@ -1,4 +1,5 @@
 """`pipeline info`: what a run folder holds and which stages are stale."""
+import json
 
 from cache import manifest, store
 from cache.errors import UserError
@@ -22,6 +23,8 @@ def describe(run) -> dict:
                              "per_domain": {d: int((index.domain == i).sum()) for i, d in enumerate(index.domains)}}
     extract = manifest.load(run.extract_dir)
     report["teacher_image_forwards"] = extract["summary"].get("teacher_image_forwards") if extract else 0
+    queries = run.extract_dir / "queries.json"  # a remote teacher's ledger, also while unfinished
+    report["teacher_queries"] = json.loads(queries.read_text()) if queries.exists() else None
     for path in sorted(run.root.rglob(manifest.MANIFEST)):
         stage_dir = path.parent
         recorded = manifest.load(stage_dir)
@@ -56,6 +59,10 @@ def render(report: dict) -> str:
             f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in c["datasets"].items()))
         lines.append(f"teacher image forwards: {report['teacher_image_forwards']:,} (extraction; no stage after it "
                      f"runs the teacher)")
+        if report.get("teacher_queries"):
+            q = report["teacher_queries"]
+            lines.append(f"teacher queries: {q['sent']:,} sent ({q['image']:,} image views, {q['text']:,} prompts), "
+                         f"{q['retried']:,} retried, {q['failed']:,} failed (remote teacher, all runs)")
     else:
         lines.append("teacher:    nothing extracted yet")
     lines.append("stages:")

@@ -160,6 +160,10 @@ def resolve_student(run, method, holdout: str, student: str | None, student_weig
 
 def cached_teacher(cache: TeacherCache, weights: bool = True) -> OpenClipTeacher:
     """The teacher the cache was made with (its architecture only, without ``weights``)."""
+    if str(cache.attrs["teacher"]).startswith("remote:"):
+        raise UserError(f"this cache was extracted from a remote teacher service ({cache.attrs['teacher']}); this "
+                        f"needs the teacher's weights (white-box); a remote teacher has none: extract with a "
+                        f"local --teacher NAME --pretrained TAG instead")
     teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if weights else None,
                               device=str(device()))
     if weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:

@@ -21,7 +21,7 @@ from cache.progress import Interrupted, StopFlag, ignore_sigint, progress, say
 from data import domainbed
 from data.images import ExtractionImages
 from data.views import PARAM_NAMES, Augment
-from stages import distributed
+from stages import distributed, remote_teacher
 from stages.prompts import GENERIC_ANCHORS, TEMPLATE_SETS, anchor_prompts, class_prompt_name, templates_named
 from stages.runtime import device
 from stages.stage import Stage
@@ -33,9 +33,15 @@ VIEWS = 8  # views per image by default (view 0 is the eval view)
 class Extract(Stage):
     def __init__(self, run, data_root, *, teacher: str, pretrained, views: int = VIEWS, view_seed: int = 0,
                  template_set: str = "photo", val_fraction: float = 0.2, split_seed: int = 0,
-                 batch_size: int = 64, workers: int = 0):
+                 batch_size: int = 64, workers: int = 0, max_queries: int | None = None,
+                 teacher_concurrency: int = 4):
         if views < 1:
             raise UserError(f"--views must be at least 1, got {views}")
+        # A teacher service: its metadata (read now, no query) gives the weights' fingerprint.
+        self.remote = remote_teacher.RemoteTeacher(teacher, concurrency=teacher_concurrency, max_queries=max_queries) \
+            if remote_teacher.is_remote(teacher) else None
+        if self.remote:
+            teacher, pretrained = self.remote.url, None  # recorded without credentials
         self.run, self.folder, self.data_root = run, run.extract_dir, data_root
         self.teacher_name, self.pretrained, self.template_set = teacher, pretrained, template_set
         self.templates = templates_named(template_set)
@@ -46,7 +52,8 @@ class Extract(Stage):
                        "templates": template_set, "val_fraction": val_fraction, "split_seed": split_seed,
                        "augment": self.augment.to_dict()}
         self.inputs = {"dataset": self.index.fingerprint,
-                       "teacher_weights": checkpoint_fingerprint(teacher, pretrained)}
+                       "teacher_weights": self.remote.version if self.remote else
+                       checkpoint_fingerprint(teacher, pretrained)}
         self.outputs = ["teacher.h5", "index.parquet"]
         self.force, self.teacher = False, None
 
@@ -74,7 +81,9 @@ class Extract(Stage):
     def check(self) -> None:
         """Never mix: a cache made with another teacher, view set or dataset is refused."""
         rank, world = distributed.world()
-        self.teacher = OpenClipTeacher(self.teacher_name, self.pretrained, device=str(device()))
+        if self.remote and world > 1:
+            raise UserError("a remote teacher extracts from one process; run without torchrun")
+        self.teacher = self.remote or OpenClipTeacher(self.teacher_name, self.pretrained, device=str(device()))
         if not self.teacher.has_weights:
             say(f"warning: teacher {self.teacher_name} has no weights: using a random initialisation")
         store_path = self.run.teacher_cache
@@ -82,6 +91,8 @@ class Extract(Stage):
         if existing.exists() and not self.force and not store.readable(existing):
             say(f"extract: {existing} is damaged beyond repair (not a readable HDF5 file); rebuilding it")
             existing.unlink()
+        if self.remote:
+            self._plan_queries()
         if self.force or not existing.exists():
             return
         if world > 1 and store_path.exists() and store.read_attrs(store_path).get("shards") != world:
@@ -96,6 +107,15 @@ class Extract(Stage):
             raise UserError(f"{self.run.root} holds a cache made with a different {', '.join(differs)} ({detail}); "
                             f"use --force to rebuild it, or a new --run folder")
         say(f"extract: resuming the cache in {self.folder}")
+
+    def _plan_queries(self) -> None:
+        """Count the queries a remote teacher will be sent and refuse more than --max-queries."""
+        store_path = self.run.teacher_cache if not self.force else self.folder / "-"  # --force: all of them
+        plan = self.remote.planned_queries(store_path, len(self.index), self.n_views, self.batch_size,
+                                           remote_teacher.count_prompts(self.index, self.templates))
+        self.remote.check_budget(plan)  # before anything is sent or changed
+        say(f"extract: teacher service {self.remote.url}, model '{self.remote.model_name}' (dim {self.remote.dim}): "
+            f"{plan['total']:,} queries planned ({plan['image']:,} image views + {plan['text']:,} prompts)")
 
     def _dataset_change(self) -> str:
         """What changed in the dataset since the cached index: added, removed, modified files."""
@@ -115,12 +135,20 @@ class Extract(Stage):
             shutil.rmtree(self.folder)
         distributed.barrier()
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self.remote.attach(self.folder)  # the query ledger and partly received blocks live here
         say(f"extract: {len(index)} images in {len(index.domains)} domains, {len(index.classes)} classes; "
             f"{self.n_views} views each; teacher {self.teacher_name}" + (f"; {world} processes" if world > 1 else ""))
         rows = range(len(index)) if world == 1 else shard_rows(len(index), self.batch_size, rank, world)
         target = store_path if world == 1 else shard_path(store_path, rank, world)
-        with StopFlag() as stop:
-            summary = self._fill(target, rows, stop)
+        try:
+            with StopFlag() as stop:
+                summary = self._fill(target, rows, stop)
+        finally:
+            if self.remote:
+                self.remote.save_ledger()
+        if self.remote:
+            summary.update(self.remote.summary())
         if world > 1:
             distributed.barrier()  # every shard is complete
             if not distributed.is_main():
@@ -169,7 +197,7 @@ class Extract(Stage):
         if not store_path.exists():
             store_path.parent.mkdir(parents=True, exist_ok=True)
             texts = self._texts() if store_path == self.run.teacher_cache else {}
-            dim = teacher.encode_texts(["a"]).shape[-1]
+            dim = texts["text_emb"].shape[-1] if texts else teacher.encode_texts(["a"]).shape[-1]
             teacher_cache.create(store_path, len(rows), n_views, len(PARAM_NAMES), dim, texts,
                                  {**self.wanted_attrs(), "rows": [rows.start, rows.stop]})
             skipped_path.unlink(missing_ok=True)
@@ -195,7 +223,7 @@ class Extract(Stage):
             with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, \
                     progress(total=sum(map(len, blocks)), desc="extract", unit="img") as bar:
                 for batch_rows, pixels, params, errors in batches:
-                    embeddings = teacher.encode_images(pixels.flatten(0, 1)).reshape(len(batch_rows), n_views, -1)
+                    embeddings = _encode_views(teacher, pixels, errors)
                     ok = np.where([e == "" for e in errors], store.DONE, store.FAILED).astype(np.uint8)
                     where = slice(int(batch_rows[0]) - rows.start, int(batch_rows[-1]) + 1 - rows.start)
                     teacher_cache.write_block(f, where, embeddings.numpy(), params.numpy(), ok)
@@ -214,6 +242,19 @@ class Extract(Stage):
                 "images_per_s": round(done_now / seconds, 1) if done_now else None,
                 "ok": int((final_status == store.DONE).sum()),
                 "skipped": int((final_status == store.FAILED).sum())}
+
+
+def _encode_views(teacher, pixels: torch.Tensor, errors: list) -> torch.Tensor:
+    """[rows, views, ...] pixels -> [rows, views, dim]. A teacher with ``skip_failed_rows`` (one that
+    is paid per query) is not sent the blank views of unreadable images; their rows stay zero."""
+    rows, n_views = pixels.shape[:2]
+    ok = [i for i, e in enumerate(errors) if e == ""]
+    if not getattr(teacher, "skip_failed_rows", False) or len(ok) == rows:
+        return teacher.encode_images(pixels.flatten(0, 1)).reshape(rows, n_views, -1)
+    out = torch.zeros(rows, n_views, teacher.dim)
+    if ok:
+        out[ok] = teacher.encode_images(pixels[ok].flatten(0, 1)).reshape(len(ok), n_views, -1)
+    return out
 
 
 def encode_prompts(teacher, prompts: list) -> torch.Tensor:

@@ -1,0 +1,385 @@
+"""A black-box teacher: image and text embeddings from a remote service speaking the Open
+Inference Protocol (KServe v2; Triton, KServe and MLServer speak it; ``pipeline serve-teacher``
+serves any open_clip model on it).
+
+Same members as ``OpenClipTeacher`` (``identity``, ``input_spec``, ``encode_images``,
+``encode_texts``), so extraction runs unchanged. Views are rendered and resized here, at the
+teacher's input size with its interpolation (both read from the service's metadata), and
+travel PNG-encoded (lossless 8-bit RGB); the service normalises with the model's own mean/std,
+so the teacher sees exactly the pixels a local extraction feeds it.
+
+Every query is counted: one image query per view, one text query per prompt. ``sent`` counts
+first attempts, ``retried`` re-sends after a timeout, a dropped connection, 429 or 5xx, and
+``failed`` the queries given up on. The counts accumulate across resumed runs in
+``extract/queries.json``. Queries received for a block that could not be finished are kept in
+``extract/received.npz`` and not paid for again when the block is redone.
+
+The bearer token comes from an environment variable (``PIPELINE_TEACHER_TOKEN``) and is never
+recorded or printed; TLS certificates are verified (a private CA bundle: ``PIPELINE_TEACHER_CA``).
+"""
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.views import InputSpec, _RESAMPLE
+from cache.errors import UserError
+
+TOKEN_ENV = "PIPELINE_TEACHER_TOKEN"
+CA_ENV = "PIPELINE_TEACHER_CA"
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def is_remote(teacher: str) -> bool:
+    return isinstance(teacher, str) and teacher.lower().startswith(("http://", "https://"))
+
+
+def redact(url: str) -> str:
+    """The URL without user:password@ and query string: safe to record and print."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+@dataclass(frozen=True)
+class RemoteInputSpec(InputSpec):
+    """The teacher's resize only: pixels 0..255 (float32, exact integers), not normalised."""
+
+    def __call__(self, view: Image.Image) -> torch.Tensor:
+        resample = _RESAMPLE.get(self.interpolation, Image.BICUBIC)
+        pixels = np.asarray(view.resize((self.size, self.size), resample), dtype=np.float32)
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+
+class QueryBudgetExceeded(UserError):
+    pass
+
+
+class RemoteTeacher:
+    """``URL`` is ``http(s)://host:port`` (model name from ``model``, default: the only/first
+    model named by ``PIPELINE_TEACHER_MODEL`` or 'teacher') or ``http(s)://host:port/v2/models/NAME``."""
+
+    skip_failed_rows = True  # extraction sends no query for views of unreadable images
+
+    def __init__(self, url: str, *, model: str | None = None, request_size: int = 32, concurrency: int = 4,
+                 timeout: float | None = None, retries: int | None = None, backoff: float | None = None,
+                 max_backoff: float = 20.0, max_queries: int | None = None):
+        try:
+            import httpx
+        except ImportError:
+            raise UserError('a remote teacher needs httpx: pip install -e ".[remote]"') from None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UserError(f"--teacher {redact(url)}: not an http(s) URL")
+        path = parts.path.rstrip("/")
+        if "/v2/models/" in path:
+            path, model = path.split("/v2/models/", 1)[0], model or path.split("/v2/models/", 1)[1].split("/")[0]
+        self.base = urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+        self.url = redact(self.base)
+        self.model_name = model or os.environ.get("PIPELINE_TEACHER_MODEL", "teacher")
+        env = os.environ.get
+        self.request_size, self.concurrency = max(1, request_size), max(1, concurrency)
+        self.timeout = float(timeout if timeout is not None else env("PIPELINE_TEACHER_TIMEOUT", 60))
+        self.retries = int(retries if retries is not None else env("PIPELINE_TEACHER_RETRIES", 8))
+        self.backoff = float(backoff if backoff is not None else env("PIPELINE_TEACHER_BACKOFF", 0.5))
+        self.max_backoff, self.max_queries = max_backoff, max_queries
+        headers = {"Content-Type": "application/json"}
+        token = os.environ.get(TOKEN_ENV)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._token = token
+        verify = True  # certificates are always verified; a private CA can be added, never switched off
+        if os.environ.get(CA_ENV):
+            import ssl
+            verify = ssl.create_default_context(cafile=os.environ[CA_ENV])
+        self._client = httpx.Client(base_url=self.base, headers=headers, verify=verify, timeout=self.timeout,
+                                    limits=httpx.Limits(max_connections=self.concurrency + 2), trust_env=False)
+        self._httpx = httpx
+        self._lock = threading.Lock()
+        self.counts = {"sent": 0, "retried": 0, "failed": 0, "image": 0, "text": 0, "requests": 0,
+                       "reused": 0}
+        self.ledger_dir: Path | None = None
+        self._prior: dict = {}
+        self._received: dict = {}
+        self._meta = self._metadata()
+        p = self._meta["parameters"]
+        self.dim, self.version = int(p["embed_dim"]), str(p["version"])
+        mean, std = p["mean"], p["std"]
+        mean, std = (json.loads(mean) if isinstance(mean, str) else mean), (json.loads(std) if isinstance(std, str) else std)
+        self.input_spec = RemoteInputSpec(size=int(p["size"]), mean=tuple(float(m) for m in mean),
+                                          std=tuple(float(s) for s in std),
+                                          interpolation=str(p.get("interpolation", "bicubic")))
+        self.request_size = min(self.request_size, int(p.get("max_items", self.request_size)))
+        self.name, self.pretrained = f"remote:{self.model_name}", None
+        self.source = {"model": self.model_name, "version": self.version, "embed_dim": self.dim,
+                       "platform": self._meta.get("platform", ""), "source": p.get("source", ""),
+                       "source_pretrained": p.get("pretrained") or None}
+
+    # ---- the teacher interface -------------------------------------------------------------
+
+    has_weights = True
+
+    @property
+    def identity(self) -> dict:
+        """Name, version (the weights' fingerprint) and embedding size of the service's model; not
+        its address, so the same model moved to another machine reuses the cache."""
+        return {"teacher": self.name, "pretrained": None, "checkpoint_sha256": self.version,
+                "preprocess": self.input_spec.to_dict(), "remote": self.source}
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] pixels 0..255 (``RemoteInputSpec``) -> [n, dim] normalised embeddings."""
+        arrays = pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        items = [base64.b64encode(_png(a)).decode("ascii") for a in arrays]
+        return self._encode("image", items)
+
+    def encode_texts(self, texts: list) -> torch.Tensor:
+        return self._encode("text", list(texts))
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    def planned_queries(self, store_path, n_rows: int, n_views: int, batch_size: int, n_prompts: int) -> dict:
+        """The image and text queries an extraction into ``store_path`` will send at most: every
+        view of every row in a block that is not finished, and every prompt if the store is new."""
+        from cache import store
+        store_path = Path(store_path)
+        status = store.read(store_path, "status") if store_path.exists() else None
+        if status is not None and len(status) == n_rows:
+            block = int(store.read_attrs(store_path).get("batch_size", batch_size))
+            pending = sum(len(status[start:start + block]) for start in range(0, len(status), block)
+                          if (status[start:start + block] == store.PENDING).any())
+            texts = 0
+        else:
+            pending, texts = n_rows, n_prompts
+        return {"image": pending * n_views, "text": texts, "total": pending * n_views + texts}
+
+    def check_budget(self, plan: dict) -> None:
+        if self.max_queries is not None and plan["total"] > self.max_queries:
+            raise QueryBudgetExceeded(
+                f"this extraction needs {plan['total']:,} teacher queries ({plan['image']:,} image views + "
+                f"{plan['text']:,} prompts) but --max-queries is {self.max_queries:,}; nothing was sent")
+
+    def attach(self, folder) -> None:
+        """Keep the query ledger and partly received blocks in ``folder`` (the extract stage)."""
+        self.ledger_dir = Path(folder)
+        self._prior = self._read_ledger()
+        received = self.ledger_dir / "received.npz"
+        if received.exists():
+            with np.load(received) as f:
+                self._received = dict(zip(f["keys"].tolist(), f["embeddings"]))
+
+    def ledger(self) -> dict:
+        """Queries over every run into this folder (this run's counts added)."""
+        return {k: self._prior.get(k, 0) + self.counts[k] for k in self.counts}
+
+    def summary(self) -> dict:
+        return {"teacher_url": self.url, "queries_this_run": dict(self.counts), "queries": self.ledger()}
+
+    def _read_ledger(self) -> dict:
+        path = self.ledger_dir / "queries.json" if self.ledger_dir else None
+        return json.loads(path.read_text()) if path and path.exists() else {}
+
+    def save_ledger(self) -> None:
+        """Write the running totals to ``queries.json`` (after every batch, so a killed run counts too)."""
+        if self.ledger_dir is None:
+            return
+        with self._lock:
+            total = self.ledger()
+        tmp = self.ledger_dir / "queries.json.tmp"
+        tmp.write_text(json.dumps(total, indent=2))
+        os.replace(tmp, self.ledger_dir / "queries.json")
+
+    def _encode(self, kind: str, items: list) -> torch.Tensor:
+        keys = [hashlib.sha256((kind + "\0" + item).encode()).hexdigest()[:32] for item in items]
+        first = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        missing = [i for k, i in first.items() if k not in self._received]  # each distinct item once
+        with self._lock:
+            self.counts["reused"] += len(items) - len(missing)
+        chunks = [missing[i:i + self.request_size] for i in range(0, len(missing), self.request_size)]
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(chunks)))) as pool:
+                futures = [pool.submit(self._request, kind, [items[i] for i in chunk]) for chunk in chunks]
+                errors = []
+                for chunk, future in zip(chunks, futures):
+                    try:
+                        embeddings = future.result()
+                    except Exception as e:  # keep what the other requests received
+                        errors.append(e)
+                        continue
+                    for i, e in zip(chunk, embeddings):
+                        self._received[keys[i]] = e
+                if errors:
+                    raise errors[0]
+        except BaseException:
+            self._save_received()
+            self.save_ledger()
+            raise
+        out = torch.from_numpy(np.stack([self._received[k] for k in keys]))
+        for k in first:
+            del self._received[k]
+        self._drop_received_file()
+        self.save_ledger()
+        return out
+
+    def _save_received(self) -> None:
+        if self.ledger_dir is None or not self._received:
+            return
+        keys = list(self._received)
+        path = self.ledger_dir / "received.npz"
+        tmp = self.ledger_dir / "received.tmp.npz"
+        np.savez(tmp, keys=np.array(keys), embeddings=np.stack([self._received[k] for k in keys]))
+        os.replace(tmp, path)
+
+    def _drop_received_file(self) -> None:
+        if self.ledger_dir is not None and not self._received:
+            (self.ledger_dir / "received.npz").unlink(missing_ok=True)
+
+    def _request(self, kind: str, items: list) -> np.ndarray:
+        n = len(items)
+        with self._lock:
+            if self.max_queries is not None and self.counts["sent"] + n > self.max_queries:
+                raise QueryBudgetExceeded(f"--max-queries {self.max_queries:,} reached; stopped before "
+                                          f"sending more (everything received so far is kept)")
+            self.counts["sent"] += n
+            self.counts[kind] += n
+        body = json.dumps({"inputs": [{"name": kind, "datatype": "BYTES", "shape": [n], "data": items}]})
+        path = f"/v2/models/{self.model_name}/infer"
+        for attempt in range(self.retries + 1):
+            wait, problem = None, None
+            try:
+                with self._lock:
+                    self.counts["requests"] += 1
+                reply = self._client.post(path, content=body)
+            except self._httpx.TimeoutException:
+                problem = f"no reply within {self.timeout:g} s"
+            except self._httpx.TransportError as e:
+                if _certificate_error(e):
+                    self._count_failed(n)
+                    raise UserError(f"teacher service {self.url}: its TLS certificate does not verify "
+                                    f"(a private CA: set ${CA_ENV} to its bundle)")
+                problem = f"connection failed ({type(e).__name__})"
+            else:
+                if reply.status_code == 200:
+                    return self._embeddings(reply, n)
+                problem = f"HTTP {reply.status_code}: {_message(reply)}"
+                if reply.status_code not in RETRY_STATUS:
+                    self._count_failed(n)
+                    hint = {401: "; set the token in $" + TOKEN_ENV, 403: "; check the token in $" + TOKEN_ENV,
+                            413: "; use a smaller --batch-size"}.get(reply.status_code, "")
+                    raise UserError(f"teacher service {self.url} refused a {kind} request: {problem}{hint}")
+                wait = _retry_after(reply)
+            if attempt == self.retries:
+                self._count_failed(n)
+                raise UserError(f"teacher service {self.url}: {kind} request failed after {self.retries} retries "
+                                f"({problem}); finished blocks are kept: run the same command again to resume")
+            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
+            time.sleep(max(delay, wait or 0.0))
+            with self._lock:
+                self.counts["retried"] += n
+
+    def _count_failed(self, n: int) -> None:
+        with self._lock:
+            self.counts["failed"] += n
+
+    def _embeddings(self, reply, n: int) -> np.ndarray:
+        try:
+            out = reply.json()["outputs"][0]
+            emb = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise UserError(f"teacher service {self.url}: a reply that is not a v2 inference response")
+        if emb.shape != (n, self.dim) or not np.isfinite(emb).all():
+            raise UserError(f"teacher service {self.url}: expected {n} x {self.dim} finite embeddings, "
+                            f"got shape {list(emb.shape)}")
+        version = (reply.json().get("parameters") or {}).get("version")
+        if version is not None and version != self.version:
+            raise UserError(f"teacher service {self.url}: the model changed during extraction "
+                            f"(version {self.version[:16]} -> {str(version)[:16]}); nothing more is cached")
+        return emb
+
+    def _metadata(self) -> dict:
+        """Readiness and metadata: free (no embedding is computed), retried like any request."""
+        path = f"/v2/models/{self.model_name}"
+        problem = ""
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self._client.get(path)
+                if reply.status_code == 200:
+                    meta = reply.json()
+                    if "parameters" not in meta or "embed_dim" not in (meta.get("parameters") or {}):
+                        raise UserError(f"teacher service {self.url}: model '{self.model_name}' does not describe "
+                                        f"its preprocessing (serve it with `pipeline serve-teacher`)")
+                    return meta
+                problem = f"HTTP {reply.status_code}: {_message(reply)}"
+                if reply.status_code not in RETRY_STATUS:
+                    raise UserError(f"teacher service {self.url}: model '{self.model_name}': {problem}")
+            except self._httpx.TransportError as e:
+                if _certificate_error(e):
+                    raise UserError(f"teacher service {self.url}: its TLS certificate does not verify "
+                                    f"(a private CA: set ${CA_ENV} to its bundle)")
+                problem = f"connection failed ({type(e).__name__})"
+            if attempt < self.retries:
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5))
+        raise UserError(f"teacher service {self.url} is not reachable ({problem})")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _certificate_error(error: BaseException) -> bool:
+    import ssl
+    seen = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _message(reply) -> str:
+    try:
+        text = str(reply.json().get("error") or reply.json().get("detail") or "")
+    except ValueError:
+        text = reply.text
+    return " ".join(text.split())[:200] or reply.reason_phrase
+
+
+def _retry_after(reply) -> float | None:
+    value = reply.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, min(float(value), 300.0))
+    except ValueError:
+        try:
+            return max(0.0, min(parsedate_to_datetime(value).timestamp() - time.time(), 300.0))
+        except (TypeError, ValueError):
+            return None
+
+
+def count_prompts(index, templates: tuple) -> int:
+    """Text queries of a new store: class prompts, RISE's 7 templates and every anchor prompt."""
+    from stages.prompts import GENERIC_ANCHORS, TEMPLATE_SETS, anchor_prompts
+    anchors = index.domains + list(GENERIC_ANCHORS)
+    return (len(index.classes) * (len(templates) + len(TEMPLATE_SETS["rise7"]))
+            + sum(len(anchor_prompts(a, index.classes)) for a in anchors))
