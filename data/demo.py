@@ -13,6 +13,19 @@ CLASSES = ("circle", "cross", "square", "star", "triangle")
 DOMAINS = ("cartoon", "photo", "pixel", "sketch")
 # Styles only the demo teacher's pre-training sees, like the breadth of web images.
 EXTRA_STYLES = ("painting", "neon")
+# Shapes only the demo student's pre-training sees (drawn only as photos): its "ImageNet".
+EXTRA_SHAPES = ("arrow", "diamond", "heart", "hexagon", "moon", "pentagon", "ring", "semicircle")
+# Background tints. In the demo dataset the tint goes with the class, through a mapping that
+# differs in every style (the source-only shortcut, see ``tint_of``); pre-training draws them at
+# random.
+TINTS = ((230, 60, 60), (60, 200, 60), (70, 90, 235), (235, 205, 40), (200, 70, 220))
+SHORTCUT = 0.85  # fraction of demo images whose tint follows the class
+
+
+def tint_of(class_index: int, domain_index: int) -> int:
+    """The tint class ``class_index`` usually has in style ``domain_index``: a cyclic shift per style,
+    so in a held-out style every class wears a tint that meant another class in every source."""
+    return (class_index + domain_index) % len(TINTS)
 
 
 def shape_points(name: str, cx: float, cy: float, r: float, angle: float) -> list:
@@ -31,56 +44,96 @@ def shape_points(name: str, cx: float, cy: float, r: float, angle: float) -> lis
         a, b = 0.3, 0.9
         corners = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a),
                    (-b, a), (-b, -a), (-a, -a)]
+    elif name == "hexagon" or name == "pentagon":
+        n = 6 if name == "hexagon" else 5
+        corners = [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, n, endpoint=False)]
+    elif name == "diamond":
+        corners = [(0.0, -1.0), (0.55, 0.0), (0.0, 1.0), (-0.55, 0.0)]
+    elif name == "arrow":
+        corners = [(-0.9, -0.25), (0.2, -0.25), (0.2, -0.65), (0.95, 0.0), (0.2, 0.65), (0.2, 0.25), (-0.9, 0.25)]
+    elif name == "heart":
+        t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        x, y = 16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        corners = list(zip(x / 17, (y + 2) / 17))
+    elif name == "moon":
+        outer = [(math.cos(t), math.sin(t)) for t in np.linspace(-math.pi / 2, math.pi / 2, 20)]
+        inner = [(0.45 * math.cos(t), math.sin(t)) for t in np.linspace(math.pi / 2, -math.pi / 2, 20)]
+        corners = outer + inner
+    elif name == "ring":  # an annulus traced as one polygon with a thin cut
+        outer = [(math.cos(t), math.sin(t)) for t in np.linspace(0.05, 2 * math.pi - 0.05, 36)]
+        inner = [(0.55 * math.cos(t), 0.55 * math.sin(t)) for t in np.linspace(2 * math.pi - 0.05, 0.05, 36)]
+        corners = outer + inner
+    elif name == "semicircle":
+        corners = [(math.cos(t), math.sin(t) + 0.4) for t in np.linspace(math.pi, 2 * math.pi, 24)]
     else:
         raise ValueError(f"unknown shape {name}")
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in corners]
 
 
-def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72) -> Image.Image:
-    """One image of ``shape`` in the style of ``domain``."""
+def _contrasting(rng: np.random.Generator, background, low: int = 30, high: int = 226) -> tuple:
+    """A random fill colour clearly distinct from ``background`` (so the shape is always visible)."""
+    background = np.asarray(background, np.float32)
+    for _ in range(50):
+        colour = rng.integers(low, high, size=3)
+        if np.abs(colour - background).sum() > 150:
+            break
+    return tuple(int(c) for c in colour)
+
+
+def _shade(tint, amount: float, base: float) -> tuple:
+    """``tint`` mixed with grey level ``base``: amount 1 is the tint itself."""
+    return tuple(int(round(base * (1 - amount) + t * amount)) for t in tint)
+
+
+def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72, tint: int | None = None) -> Image.Image:
+    """One image of ``shape`` in the style of ``domain``, its background tinted with ``TINTS[tint]``
+    (None: a random tint)."""
     cx, cy = rng.uniform(0.38, 0.62, size=2) * size
-    r = rng.uniform(0.22, 0.34) * size
+    r = rng.uniform(0.24, 0.34) * size
     points = shape_points(shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
-    colour = tuple(int(c) for c in rng.integers(30, 226, size=3))
-    if domain == "photo":  # smooth gradient background, shaded shape, sensor noise
-        top, bottom = rng.integers(60, 200, size=(2, 3))
+    hue = np.asarray(TINTS[int(rng.integers(len(TINTS))) if tint is None else tint], np.float32)
+    if domain == "photo":  # smooth gradient background in the tint, shaded shape, sensor noise
+        top, bottom = hue * rng.uniform(0.45, 0.8), hue * rng.uniform(0.45, 0.8) + rng.uniform(0, 40)
         ramp = np.linspace(0, 1, size)[:, None, None]
         background = (top * (1 - ramp) + bottom * ramp).repeat(size, axis=1)
-        image = Image.fromarray(background.astype(np.uint8), "RGB")
+        image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+        colour = _contrasting(rng, (top + bottom) / 2)
         ImageDraw.Draw(image).polygon(points, fill=colour)
         image = image.filter(ImageFilter.GaussianBlur(1.0))
         pixels = np.asarray(image, np.float32) + rng.normal(0, 8, size=(size, size, 3))
         return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    if domain == "sketch":  # pencil outline on paper, slightly jittered strokes
-        image = Image.new("RGB", (size, size), (245, 245, 240))
+    if domain == "sketch":  # pencil outline on tinted paper, slightly jittered strokes
+        image = Image.new("RGB", (size, size), _shade(hue, rng.uniform(0.25, 0.4), 250))
         pen = ImageDraw.Draw(image)
         for _ in range(2):
             wobble = [(x + rng.normal(0, 0.8), y + rng.normal(0, 0.8)) for x, y in points]
             pen.line(wobble + wobble[:1], fill=(40, 40, 40), width=1)
         return image
-    if domain == "cartoon":  # flat saturated fill, thick black outline, plain background
-        background = tuple(int(c) for c in rng.integers(200, 256, size=3))
+    if domain == "cartoon":  # flat saturated fill, thick black outline, plain pastel background
+        background = _shade(hue, rng.uniform(0.35, 0.55), 255)
         image = Image.new("RGB", (size, size), background)
         pen = ImageDraw.Draw(image)
-        pen.polygon(points, fill=colour)
+        pen.polygon(points, fill=_contrasting(rng, background))
         pen.line(points + points[:1], fill=(0, 0, 0), width=3)
         return image
-    if domain == "pixel":  # low-resolution blocky rendering, two-colour palette
-        small = max(size // 5, 8)
+    if domain == "pixel":  # low-resolution blocky rendering, two-colour palette, dark background
+        small = max(size // 4, 8)
         scale = small / size
-        image = Image.new("RGB", (small, small), tuple(int(c) for c in rng.integers(0, 80, size=3)))
-        ImageDraw.Draw(image).polygon([(x * scale, y * scale) for x, y in points], fill=colour)
+        background = _shade(hue, rng.uniform(0.3, 0.45), 0)
+        image = Image.new("RGB", (small, small), background)
+        ImageDraw.Draw(image).polygon([(x * scale, y * scale) for x, y in points],
+                                      fill=_contrasting(rng, background, 90, 256))
         return image.resize((size, size), Image.NEAREST)
     if domain == "painting":  # soft brushy colour fields, no outline
-        background = tuple(int(c) for c in rng.integers(90, 230, size=3))
+        background = _shade(hue, rng.uniform(0.4, 0.7), 160)
         image = Image.new("RGB", (size, size), background)
-        ImageDraw.Draw(image).polygon(points, fill=colour)
+        ImageDraw.Draw(image).polygon(points, fill=_contrasting(rng, background))
         pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(2.0)), np.float32)
         strokes = rng.normal(0, 9, size=(size // 4 + 1, size // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:size, :size]
         return Image.fromarray(np.clip(pixels + strokes, 0, 255).astype(np.uint8), "RGB")
-    if domain == "neon":  # glowing coloured outline on black
-        image = Image.new("RGB", (size, size), (0, 0, 0))
+    if domain == "neon":  # glowing coloured outline on a near-black tinted background
+        image = Image.new("RGB", (size, size), _shade(hue, 0.15, 0))
         glow = tuple(int(c) for c in rng.integers(120, 256, size=3))
         ImageDraw.Draw(image).line(points + points[:1], fill=glow, width=3)
         halo = image.filter(ImageFilter.GaussianBlur(2))
@@ -88,11 +141,14 @@ def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72) -> I
     raise ValueError(f"unknown domain {domain}")
 
 
-def generate(root, per_class: int = 30, seed: int = 0, domains=DOMAINS, classes=CLASSES) -> Path:
+def generate(root, per_class: int = 30, seed: int = 0, domains=DOMAINS, classes=CLASSES,
+             shortcut: float = SHORTCUT) -> Path:
     """Write ``root/<domain>/<class>/<i>.png`` for every domain and class; returns root.
 
     Image sizes vary a little (64 to 88 pixels, not always square) so crops are exercised
-    in source pixels. Existing files are left alone, so generating twice is a no-op.
+    in source pixels. A fraction ``shortcut`` of each class's images has the background tint
+    ``tint_of(class, domain)``, the rest a random one. Existing files are left alone, so
+    generating twice is a no-op.
     """
     root = Path(root)
     for d, domain in enumerate(domains):
@@ -101,7 +157,9 @@ def generate(root, per_class: int = 30, seed: int = 0, domains=DOMAINS, classes=
             folder.mkdir(parents=True, exist_ok=True)
             rng = np.random.default_rng([seed, d, c])
             for i in range(per_class):
-                image = draw(shape, domain, rng, size=int(rng.integers(64, 89)))
+                size = int(rng.integers(64, 89))
+                tint = tint_of(c, d) if rng.random() < shortcut else None
+                image = draw(shape, domain, rng, size=size, tint=tint)
                 if rng.random() < 0.3:  # some non-square images
                     image = image.resize((image.width, int(image.height * rng.uniform(0.8, 1.0))))
                 path = folder / f"{i:03d}.png"
