@@ -30,7 +30,11 @@ TEACHER = "teacher"              # no student: the cached teacher embeddings the
 
 # VL2V-ADiP's align stage (``pipeline align``), which every ``needs_alignment`` method starts from.
 ALIGN_HPARAMS = {"lr": 5e-5, "lam": 0.5, "weight_decay": 0.0}
-ALIGN_DEMO = {"lr": 1e-3}  # the built-in demo's random-init student needs a larger rate
+ALIGN_DEMO = {"lr": 1e-3}  # the built-in demo's 1000 alignment steps on cached features (not tuned)
+# The demo's student learning rates (250 steps instead of 5000, a pre-trained student): each chosen
+# on source-domain validation from {3e-4, 1e-3}, seed 0, mean over the four held-out styles; ties
+# go to the smaller rate (the papers fine-tune at 5e-5). See the README's demo section.
+DEMO_LR = 3e-4
 
 # Help text of every hyperparameter a method may declare (its default comes from the method).
 HPARAM_HELP = {
@@ -176,7 +180,7 @@ class ADiP(Method):
 
     name, needs_alignment, swad = "adip", True, True
     hparams = {**Method.hparams, "lam": 0.5}
-    demo = {"lr": 3e-3}
+    demo = {"lr": DEMO_LR}  # source val 100.0% (3e-4) vs 99.7% (1e-3)
 
     @classmethod
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
@@ -203,7 +207,7 @@ class SD(ADiP):
     the same loss, no extra projection."""
 
     name, student, needs_alignment, in_default_run = "sd", TEACHER_TOWER, False, False
-    demo = {"lr": 3e-4}
+    demo = {"lr": 3e-4}  # not tuned
 
     @classmethod
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
@@ -218,7 +222,7 @@ class ERM(Method):
     """Cross-entropy only, no teacher: the baseline."""
 
     name = "erm"
-    demo = {"lr": 3e-3}
+    demo = {"lr": DEMO_LR}  # source val 100.0% at both rates (tie); kd inherits: 98.1% at both
 
     @classmethod
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
@@ -259,7 +263,7 @@ class RISE(Method):
 
     name, optimizer_kind = "rise", "sgd"
     hparams = {"lr": 1e-3, "weight_decay": 5e-4, "temperature": 3.0, "w_kd": 0.9, "w_ce": 0.1, "w_dist": 1.0}
-    demo = {"lr": 3e-3}
+    demo = {"lr": DEMO_LR}  # source val 91.7% (3e-4) vs 91.1% (1e-3)
 
     def __init__(self, model, text, steps, **hparams):
         super().__init__(model, text, steps, **hparams)
