@@ -12,7 +12,6 @@ RUN/table.md                      the results table of `pipeline run`
 
 Every stage folder also holds its ``manifest.json`` (``cache/manifest.py``).
 """
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,6 @@ from cache import manifest, store
 from cache.errors import UserError
 from cache.index import read_table
 from data.domainbed import ImageIndex
-from stages.distributed import is_main
 
 
 class RunFolder:
@@ -121,26 +119,15 @@ class RunFolder:
 
     @contextmanager
     def writing(self):
-        """Hold the run folder's lock: a second writer gets a clear refusal, not a mixed cache.
+        """Open the run folder for writing (created if missing), with a clear error if it cannot be.
 
-        Under torchrun the job's rank 0 holds it for all its ranks."""
-        if not is_main():
-            yield self
-            return
+        There is no lock on the whole folder: each stage locks its own folder while it writes
+        (``stages.stage.run``), so independent trainings and evaluations run side by side."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            handle = open(self.root / ".lock", "w")
+            probe = self.root / f".writable-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.root}: {e.strerror}")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise UserError(f"another pipeline process is writing {self.root}; wait for it or use another --run")
-        try:
-            handle.write(str(os.getpid()))
-            handle.flush()
-            yield self
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+        yield self

@@ -131,8 +131,10 @@ class Extract(Stage):
     def compute(self) -> dict | None:
         rank, world = distributed.world()
         index, store_path = self.index, self.run.teacher_cache
-        if self.force and distributed.is_main():
-            shutil.rmtree(self.folder)
+        if self.force and distributed.is_main():  # everything but the lock this process holds
+            for old in self.folder.iterdir():
+                if old.name != ".lock":
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
         distributed.barrier()
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.remote:
