@@ -108,6 +108,9 @@ def main():
 def extract(data_root, run_dir, teacher, pretrained, max_queries, teacher_concurrency, views, view_seed,
             template_set, val_fraction, split_seed, batch_size, workers, force):
     """Cache the teacher's embeddings of K views of every image and of every class prompt."""
+    given = click.get_current_context().get_parameter_source("pretrained") == click.core.ParameterSource.COMMANDLINE
+    if teacher.startswith("local-dir:") and given and _none(pretrained):
+        raise UserError("--pretrained does not apply to a local-dir: teacher: its folder holds the weights")
     with RunFolder(run_dir).writing() as run:
         stage.run(Extract(run, data_root, teacher=teacher, pretrained=_none(pretrained), views=views,
                           view_seed=view_seed, template_set=template_set, val_fraction=val_fraction,

@@ -42,6 +42,8 @@ class Extract(Stage):
             if remote_teacher.is_remote(teacher) else None
         if self.remote:
             teacher, pretrained = self.remote.url, None  # recorded without credentials
+        if teacher.startswith("local-dir:"):
+            pretrained = None  # the folder holds the weights; a release tag would mean nothing
         self.run, self.folder, self.data_root = run, run.extract_dir, data_root
         self.teacher_name, self.pretrained, self.template_set = teacher, pretrained, template_set
         self.templates = templates_named(template_set)

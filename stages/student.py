@@ -33,8 +33,10 @@ def create_backbone(name: str, weights: str = "imagenet", image_size: int | None
     try:
         model = timm.create_model(name, **kwargs)
     except Exception as e:  # timm raises many types for missing or mismatched weights
-        raise UserError(f"cannot load student {name} with weights '{weights}': "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if os.path.isfile(weights) and not _readable_weights(weights):
+            detail = "not a weights file (safetensors, or a state dict saved with torch.save)"
+        raise UserError(f"cannot load student {name} with weights '{weights}': {detail}")
     config = timm.data.resolve_data_config({}, model=model)
     spec = InputSpec(size=int(image_size or config["input_size"][-1]), mean=tuple(config["mean"]),
                      std=tuple(config["std"]), interpolation=config.get("interpolation", "bicubic"))
@@ -65,3 +67,18 @@ def student_key(name: str, weights: str, image_size: int | None) -> str:
 
 def feature_dim(model) -> int:
     return int(model.num_features)
+
+
+def _readable_weights(path: str) -> bool:
+    """Whether ``path`` holds tensors at all (so a load failure is about the model, not the file)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except Exception:
+        pass
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:
+        return False

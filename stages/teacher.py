@@ -28,9 +28,14 @@ class OpenClipTeacher:
         logging.disable(logging.WARNING)  # open_clip logs through the root logger; we report ourselves
         try:
             model, _, _ = open_clip.create_model_and_transforms(name, pretrained=self.pretrained)
-        except (RuntimeError, ValueError, FileNotFoundError, KeyError, OSError) as e:
-            hint = (f"'{name}' is not an open_clip model (see open_clip.list_models())"
-                    if "not found" in str(e) and "Model config" in str(e) else str(e).splitlines()[0])
+        except Exception as e:  # open_clip and torch.load raise many types for unusable input
+            if "not found" in str(e) and "Model config" in str(e):
+                hint = f"'{name}' is not an open_clip model (see open_clip.list_models())"
+            elif self.pretrained and os.path.isfile(self.pretrained):
+                hint = (f"{self.pretrained} is not a checkpoint for this model (a state dict saved with "
+                        f"torch.save, or safetensors, with matching keys): {type(e).__name__}")
+            else:
+                hint = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot load teacher {name} (pretrained={self.pretrained}): {hint}")
         finally:
             logging.disable(logging.NOTSET)

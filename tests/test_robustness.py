@@ -324,3 +324,18 @@ def test_teacher_weights_changed_in_place_are_noticed(tmp_path, dataset):
     result = invoke(*command)
     assert "up to date" not in result.output
     assert result.exit_code == 2 and "different checkpoint_sha256" in result.output
+
+
+def test_unusable_weights_files_are_named(run_copy, teacher_dir, dataset, tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(os.urandom(3000))
+    teacher = invoke("extract", "--data", dataset, "--run", tmp_path / "r", "--teacher", "RN50", "--pretrained", text)
+    assert teacher.exit_code == 2 and "is not a checkpoint for this model" in teacher.output
+    student = invoke("align", "--run", run_copy, "--holdout", "photo", "--student", "test_resnet",
+                     "--student-weights", noise, "--steps", 2, "--workers", 0)
+    assert student.exit_code == 2 and "not a weights file" in student.output
+    local = invoke("extract", "--data", dataset, "--run", tmp_path / "r2", "--teacher", f"local-dir:{teacher_dir}",
+                   "--pretrained", "openai")
+    assert local.exit_code == 2 and "does not apply to a local-dir" in local.output
