@@ -32,11 +32,8 @@ from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage, require_positive, require_rates, save_outputs
 from stages.student import create_backbone, feature_dim, student_key
-from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
+from stages.swad import LossValley, RunningAverage, Segment
 from stages.teacher import OpenClipTeacher
-
-BN_BATCHES = 20  # training batches that re-estimate BatchNorm statistics of SWAD weights
-
 
 class Distill(Stage):
     """Train one method for one held-out domain and seed; save its best (and SWAD) weights.
@@ -303,11 +300,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                "teacher_image_forwards": online.forwards if online is not None else 0,
                "train_seconds_per_step": round(train_seconds / max(steps - first_step, 1), 5)}
     if swad:
+        # No BatchNorm re-estimation, as the official code with frozen BatchNorm
         model.load_state_dict(valley.final_state())
-        bn_sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed + 1,
-                                         min(BN_BATCHES, steps))
-        bn_batches = torch.utils.data.DataLoader(dataset, batch_sampler=bn_sampler, num_workers=workers)
-        update_batchnorm(model, (pixels[0].to(run_device) for _, *pixels in bn_batches))
         states["swad"] = copy.deepcopy(model.state_dict())
         acc, val_loss = validate()
         summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,

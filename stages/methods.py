@@ -104,6 +104,9 @@ class Method:
     in_default_run = True    # part of `pipeline run` without --methods
     trains = seeded = True   # has a distill stage; its result depends on the seed
     optimizer_kind = "adam"
+    # As the official VL2V trainer (its hparams freeze_bn): BatchNorm layers stay in eval mode while
+    # training, so running statistics keep their pre-trained values; their affine weights still train.
+    freeze_batchnorm = True
     hparams = {"lr": 5e-5, "weight_decay": 0.0}
     demo = {}                # the built-in demo's overrides of ``hparams``
 
@@ -149,6 +152,10 @@ class Method:
 
     def update(self, batch: Batch) -> dict:
         self.model.train()
+        if self.freeze_batchnorm:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         loss = self.loss(self._forward(batch.images), batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,6 +265,7 @@ class RISE(Method):
     ``100 * cos(v, e_c)`` over the 7-template class ensemble, T = 3; SGD with step decay."""
 
     name, optimizer_kind = "rise", "sgd"
+    freeze_batchnorm = False  # RISE's trainer puts the whole student in train mode every epoch
     hparams = {"lr": 1e-3, "weight_decay": 5e-4, "temperature": 3.0, "w_kd": 0.9, "w_ce": 0.1, "w_dist": 1.0}
     demo = {"lr": 3e-3}
 

@@ -146,19 +146,3 @@ class LossValley:
                 self._add(self.smooth_q.popleft())
         return self.final.state
 
-
-@torch.no_grad()
-def update_batchnorm(model: torch.nn.Module, batches) -> None:
-    """Recompute BatchNorm running statistics of averaged weights on training batches."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = {m: m.momentum for m in norms}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the given batches
-    model.train()
-    for images in batches:
-        model(images)
-    for m in norms:
-        m.momentum = momenta[m]

@@ -16,7 +16,7 @@ from cache.teacher_cache import TextTargets
 from data.cutmix import cutmix, rand_bbox
 from stages import losses
 from stages.methods import ADiP, ERM, KD, RISE, SD, Batch
-from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
+from stages.swad import LossValley, RunningAverage, Segment
 
 
 # --------------------------------------------------------------------------- hand-written maths
@@ -518,21 +518,6 @@ def test_adip_validation_loss_is_negative():
     assert method.loss(z, b).item() < -0.9
 
 
-def test_update_batchnorm_cumulative_mean_and_momentum_restored():
-    bn = nn.BatchNorm1d(2, momentum=0.25)
-    model = nn.Sequential(nn.Identity(), bn)
-    bn.running_mean.fill_(100.0)
-    bn.running_var.fill_(50.0)
-    b1 = t([[1.0, 2.0], [3.0, 4.0]])   # batch means [2, 3]; unbiased variances [2, 2]
-    b2 = t([[5.0, 0.0], [7.0, 8.0]])   # batch means [6, 4]; unbiased variances [2, 32]
-    update_batchnorm(model, (b for b in [b1, b2]))  # a generator, as distill passes
-    assert bn.running_mean.tolist() == pytest.approx([4.0, 3.5])  # mean of all 4 rows
-    assert bn.running_var.tolist() == pytest.approx([2.0, 17.0])
-    assert bn.num_batches_tracked.item() == 2
-    assert bn.momentum == 0.25
-    update_batchnorm(nn.Sequential(nn.Linear(2, 2)), [b1])  # no BatchNorm: nothing to do
-
-
 # =========================================================================== stages/methods.py
 C, D, A = 3, 2, 2
 CLASSIFIER = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
@@ -594,6 +579,31 @@ def test_adip_loss_hand_computed(use_cutmix):
         target, txt = emb, np_cos(z, cls_[ya])
     expected = 0.3 * -np_cos(z, target).mean() + 0.7 * -txt.mean()
     assert method.loss(t(z), b).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("cls", [ADiP, SD, ERM, KD])
+def test_batchnorm_statistics_frozen_affine_trained(cls):
+    # The official VL2V trainer keeps BatchNorm in eval mode: after training steps the running
+    # statistics are exactly the initial ones, while gamma/beta (trainable) have moved.
+    bn = nn.BatchNorm1d(D)
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(2.0)
+    method = make(cls, backbone=nn.Sequential(nn.Linear(4, D), bn), dim=D, lr=1e-2)
+    for _ in range(3):
+        method.update(tiny_batch())
+    assert bn.running_mean.tolist() == [0.5, 0.5]
+    assert bn.running_var.tolist() == [2.0, 2.0]
+    assert bn.num_batches_tracked.item() == 0
+    assert not torch.equal(bn.weight.detach(), torch.ones(D))
+    assert not torch.equal(bn.bias.detach(), torch.zeros(D))
+    assert method.model.training and not bn.training
+
+
+def test_rise_batchnorm_statistics_update_as_its_trainer():
+    bn = nn.BatchNorm1d(D)
+    method = make(RISE, backbone=nn.Sequential(nn.Linear(4, D), bn), dim=D)
+    method.update(tiny_batch())
+    assert bn.num_batches_tracked.item() == 1 and not torch.equal(bn.running_mean, torch.zeros(D))
 
 
 def test_sd_trains_the_whole_tower_with_the_text_head():
