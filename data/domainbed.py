@@ -62,12 +62,12 @@ class ImageIndex:
             raise UserError("leave-one-domain-out needs at least two domains")
         return [d for d in self.domains if d != holdout]
 
-    def sources(self, holdout: str) -> tuple[list, list, np.ndarray]:
-        """(source domains, their training rows per domain, their pooled validation rows)."""
+    def sources(self, holdout: str) -> tuple[list, list, list]:
+        """(source domains, their training rows per domain, their validation rows per domain)."""
         sources = self.check_holdout(holdout)
-        val_rows = self.rows(sources, VAL)
-        if not len(val_rows):
-            raise UserError("the source domains have no validation images; extract with a larger --val-fraction")
+        val_rows = [self.rows([d], VAL) for d in sources]
+        if not all(len(rows) for rows in val_rows):
+            raise UserError("a source domain has no validation images; extract with a larger --val-fraction")
         return sources, [self.rows([d], TRAIN) for d in sources], val_rows
 
     def to_columns(self) -> tuple[dict, dict]:

@@ -116,7 +116,7 @@ def run_alignment(run, *, student: str, student_weights: str, student_size, hold
 
 
 def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.Tensor,
-          labels: torch.Tensor, train_rows_by_domain: list, val_rows: np.ndarray, *,
+          labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
           steps: int, per_domain: int = 32, lr: float = 5e-5, weight_decay: float = 0.0,
           lam: float = 0.5, seed: int = 0, eval_every: int = 50) -> tuple[dict, list]:
     """Train ``Linear(student_dim, teacher_dim)`` with the VL2V loss on cached arrays.
@@ -128,7 +128,7 @@ def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.T
     flat_teacher = teacher_emb.flatten(0, 1).float()
     projection = torch.nn.Linear(features.shape[-1], teacher_emb.shape[-1])
     return fit_on_cache(
-        projection, features, train_rows_by_domain, val_rows,
+        projection, features, train_rows_by_domain, val_rows_by_domain,
         loss=lambda z, rows, items: vl2v_loss(z, flat_teacher[items], classifier[labels[rows]], lam),
         logits=lambda z: clip_logits(z, classifier), labels=labels, steps=steps, per_domain=per_domain,
         lr=lr, weight_decay=weight_decay, seed=seed, eval_every=eval_every, desc="align")

@@ -28,6 +28,7 @@ from data.cutmix import cutmix
 from data.images import ReplayImages
 from data.sampling import BalancedViewSampler
 from stages import distributed
+from stages.fit import source_val_accuracy
 from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage, require_positive, require_rates, save_outputs
@@ -188,7 +189,7 @@ class OnlineTargets:
 
 
 def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
-            val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
+            val_rows_by_domain: list, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
             workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
             swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
             online: OnlineTargets | None = None, rank: int = 0, world: int = 1) -> tuple[dict, list]:
@@ -253,13 +254,18 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                      targets.to(run_device, non_blocking=True))
 
     def validate() -> tuple[float, float]:
-        correct, total_loss = 0, 0.0
-        for items, *pixels in loader(dataset, np.asarray(val_rows) * dataset.n_views, 128, 0):
-            batch = make_batch(items, *pixels)
-            logits, loss = method.evaluate(batch)
-            correct += int((logits.argmax(-1) == batch.labels).sum())
-            total_loss += loss * len(items)
-        return correct / max(len(val_rows), 1), total_loss / max(len(val_rows), 1)
+        """Source-validation accuracy and loss: each the mean over the source domains."""
+        correct, domain_losses = [], []
+        for rows in val_rows_by_domain:
+            hits, total_loss = [], 0.0
+            for items, *pixels in loader(dataset, np.asarray(rows) * dataset.n_views, 128, 0):
+                batch = make_batch(items, *pixels)
+                logits, loss = method.evaluate(batch)
+                hits.append((logits.argmax(-1) == batch.labels).cpu().numpy())
+                total_loss += loss * len(items)
+            correct.append(np.concatenate(hits))
+            domain_losses.append(total_loss / len(rows))
+        return source_val_accuracy(correct), float(np.mean(domain_losses))
 
     sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step,
                                   rank=rank, world=world)

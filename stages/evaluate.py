@@ -85,8 +85,8 @@ def eval_rows(index, holdout: str) -> dict:
 
 def summarize(accuracies: dict, splits: dict, holdout: str, counts: dict) -> dict:
     sources = [d for d in accuracies if d != holdout]
-    source_val = float(np.average([accuracies[d] for d in sources], weights=[counts[d] for d in sources])) \
-        if sum(counts[d] for d in sources) else float("nan")
+    # DomainBed's training-domain validation: each source domain weighs the same
+    source_val = float(np.mean([accuracies[d] for d in sources]))
     return {"holdout_acc": accuracies[holdout], "source_val_acc": source_val,
             "accuracy": accuracies, "split": splits, "images": counts}
 

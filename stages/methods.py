@@ -336,14 +336,14 @@ class Probe(CacheMethod):
     hparams = {"lr": 1e-3}
 
     @classmethod
-    def fit(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows, *,
+    def fit(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
             steps: int, per_domain: int, seed: int, eval_every: int, **hparams):
         """Fit ``Linear(D, C)`` on the training views; the best on source validation."""
         hp = {**cls.hparams, **{k: v for k, v in hparams.items() if v is not None and k in cls.hparams}}
         torch.manual_seed(seed)
         features = F.normalize(image_emb.float(), dim=-1)
         head = torch.nn.Linear(features.shape[-1], int(labels.max()) + 1)
-        return fit_on_cache(head, features, train_rows_by_domain, val_rows,
+        return fit_on_cache(head, features, train_rows_by_domain, val_rows_by_domain,
                             loss=lambda out, rows, items: F.cross_entropy(out, labels[rows]),
                             logits=lambda out: out, labels=labels, steps=steps, per_domain=per_domain,
                             lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name)

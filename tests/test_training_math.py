@@ -726,3 +726,27 @@ def test_evaluate_and_predict_do_not_change_the_model(cls):
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
+
+
+# =========================================================================== model selection
+def test_model_selection_is_the_mean_of_per_domain_validation_accuracies():
+    # Domain A: 1 validation image, classified right; domain B: 3 images, 1 right. DomainBed's
+    # training-domain validation is (1/1 + 1/3) / 2 = 2/3, not the pooled 2/4.
+    from stages.fit import fit_on_cache
+    features = t([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]])  # [N, K=1, d]
+    labels = torch.tensor([0, 0, 1, 0, 0])  # predictions: feature [1, 0] -> 0, [0, 1] -> 1
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    _, log = fit_on_cache(head, features, [np.array([4]), np.array([4])], [np.array([0]), np.array([1, 2, 3])],
+                          loss=lambda out, rows, items: out.sum() * 0, logits=lambda out: out, labels=labels,
+                          steps=1, per_domain=1, lr=0.0, weight_decay=0.0, seed=0, eval_every=1, desc="test")
+    assert log[-1]["best_source_val_acc"] == pytest.approx((1 / 1 + 1 / 3) / 2)
+
+
+def test_reported_source_val_accuracy_weighs_domains_equally():
+    from stages.evaluate import summarize
+    result = summarize({"a": 1.0, "b": 1 / 3, "held": 0.25}, {}, "held", {"a": 1, "b": 3, "held": 8})
+    assert result["source_val_acc"] == pytest.approx(2 / 3)
+    assert result["holdout_acc"] == 0.25
