@@ -33,7 +33,7 @@ from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage, require_positive, require_rates, save_outputs
 from stages.student import create_backbone, feature_dim, student_key
-from stages.swad import LossValley, RunningAverage, Segment
+from stages.swad import LossValley, RunningAverage, Segment, restarts_segment
 from stages.teacher import OpenClipTeacher
 
 class Distill(Stage):
@@ -231,7 +231,7 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
         best, log, first_step = tuple(saved["best"]), saved["log"], saved["step"]
         if swad:
             valley.load_state_dict(saved["valley"])
-            segment_start = first_step + 1
+            segment, segment_start = RunningAverage.from_state_dict(saved["segment"]), saved["segment_start"]
 
     def checkpoint(step: int) -> None:
         if resume_path is None or rank != 0:
@@ -240,7 +240,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                  "optimizer": method.optimizer.state_dict(),
                  "scheduler": method.scheduler.state_dict() if method.scheduler is not None else None,
                  "cutmix_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                 "best": list(best), "log": log, "valley": valley.state_dict() if swad else None}
+                 "best": list(best), "log": log, "valley": valley.state_dict() if swad else None,
+                 "segment": segment.state_dict() if swad else None, "segment_start": segment_start}
         tmp = Path(str(resume_path) + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, resume_path)
@@ -294,8 +295,11 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                 if acc > best[0]:
                     best = (acc, copy.deepcopy(model.state_dict()), step)
                 if swad:
-                    valley.update(Segment(segment.state, val_loss, segment_start, step))
-                    segment, segment_start = RunningAverage(), step + 1
+                    valley.update(Segment({k: v.clone() for k, v in segment.state.items()}, val_loss, segment_start, step))
+                    if valley.dead_valley:
+                        break  # the official trainer stops when the loss valley ends
+                    if restarts_segment(step):
+                        segment, segment_start = RunningAverage(), step + 1
                 checkpoint(step)
                 if stop.requested:
                     raise Interrupted(f"distill: interrupted at step {step} of {steps}; the state is saved, "
@@ -311,7 +315,7 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
         states["swad"] = copy.deepcopy(model.state_dict())
         acc, val_loss = validate()
         summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,
-                       swad_source_val_acc=acc)
+                       swad_source_val_acc=acc, swad_stopped_at=log[-1]["step"] if valley.dead_valley else None)
     return states, log + [summary]
 
 

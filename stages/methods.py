@@ -166,10 +166,11 @@ class Method:
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> tuple:
-        """(logits, loss) without updating: for validation and the SWAD loss valley."""
+        """(logits, mean cross-entropy of the logits) without updating: the validation accuracy and
+        the loss the official SWAD loss valley reads (whatever loss the method trains with)."""
         self.model.eval()
-        outputs = self._forward(batch.images)
-        return self.logits(outputs), self.loss(outputs, batch).item()
+        logits = self.logits(self._forward(batch.images))
+        return logits, F.cross_entropy(logits.float(), batch.labels).item()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

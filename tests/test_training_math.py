@@ -491,31 +491,46 @@ def test_loss_valley_segments_used_names_the_converge_segment_when_nothing_else_
     assert valley.segments_used == steps_of(1)
 
 
-def test_loss_valley_works_with_negative_losses_of_adip():
-    # ADiP and SD (SWAD on by default) validate with vl2v_loss = -cos, in [-1, 1]: negative.
-    # A flat valley: falls to -0.80 and then stays within 1% of it. Converged at k=6 (segment 4,
-    # [-0.80, -0.79, -0.795]). With threshold = mean * 1.3 = -1.03 (BELOW every loss, since the
-    # mean is negative) the valley is declared dead as soon as segment 4 heads smooth_q, and the
-    # "average" is segment 4 alone. The tolerance must be above the converged level whatever
-    # the sign of the loss (e.g. mean + |mean| * ratio), so this flat valley is averaged.
+def test_loss_valley_converge_and_stop_steps_of_a_loss_sequence():
+    # Validations every 200 steps. Stated from the official rule: the valley converges at the first
+    # validation where the oldest of the last 3 losses is their minimum: at step 1000 the last 3
+    # are (1.0, 1.1, 1.2), so it converges on the segment ending at step 600, threshold
+    # 1.3 * mean(1.0, 1.1, 1.2) = 1.43. It dies (training stops) at the first validation where
+    # the minimum of the last 6 losses exceeds 1.43: at step 2400 they are 1.5 ... 2.1.
+    losses_ = [2.0, 1.5, 1.0, 1.1, 1.2, 1.4, 1.5, 1.6, 1.7, 1.8, 2.0, 2.1, 0.1]
     valley = LossValley(n_converge=3, n_tolerance=6, tolerance_ratio=0.3)
-    losses_ = [-0.50, -0.60, -0.70, -0.80, -0.79, -0.795, -0.79, -0.80, -0.79, -0.795, -0.80, -0.79]
-    feed(valley, losses_)
-    assert valley.converge_step == 40
-    assert valley.threshold > -0.795  # the tolerance lies above the converged level
-    final = valley.final_state()
-    assert not valley.dead_valley
-    assert set(range(5, len(losses_) + 1)) <= set(averaged(valley, final))
+    stopped = None
+    for k, loss in enumerate(losses_, start=1):
+        valley.update(Segment({"w": t([float(k)])}, loss, 200 * (k - 1) + 1, 200 * k))
+        if valley.dead_valley:
+            stopped = 200 * k
+            break
+    assert valley.converge_step == 600
+    assert valley.threshold == pytest.approx(1.43)
+    assert stopped == 2400
 
 
-def test_adip_validation_loss_is_negative():
-    # Why the case above is the real one: an ADiP student near its targets has a negative loss.
+def test_segments_restart_only_at_steps_3000_4000_5000_by_default():
+    # The official default (swad_fix): of the validations of a 5001-step run every 200 steps,
+    # the segment restarts after 3000, 4000 and 5000 only; before that it averages from step 1.
+    from stages.swad import restarts_segment
+    assert [s for s in range(200, 5001, 200) if restarts_segment(s)] == [3000, 4000, 5000]
+
+
+def test_validation_loss_is_the_cross_entropy_of_the_100_cos_logits():
+    # ADiP validates (and feeds SWAD) with the cross-entropy of 100 * cos(z, t_c), not its -cos loss.
     text = text_targets()
-    model = ADiP.build(nn.Linear(4, 3), 3, text)
+    model = ADiP.build(nn.Linear(D, D), D, text)
+    with torch.no_grad():
+        for layer in (model.backbone, model.projection):
+            layer.weight.copy_(torch.eye(D))
+            layer.bias.zero_()
     method = ADiP(model, text, steps=1)
-    z = t([[1.0, 0.1], [0.2, 1.0]])
-    b = Batch(torch.zeros(2, 4), torch.tensor([0, 1]), t([[1.0, 0.0], [0.0, 1.0]]))
-    assert method.loss(z, b).item() < -0.9
+    z = [[1.0, 0.1], [0.2, 1.0]]
+    logits, loss = method.evaluate(Batch(t(z), torch.tensor([0, 2]), t([[1.0, 0.0], [0.0, 1.0]])))
+    expected_logits = 100 * np.array([[np_cos(zi, c) for c in CLASSIFIER] for zi in z])
+    assert logits.double().numpy() == pytest.approx(expected_logits, abs=1e-3)
+    assert loss == pytest.approx(np_ce(expected_logits, [0, 2]), rel=1e-4)
 
 
 # =========================================================================== stages/methods.py
