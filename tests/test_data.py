@@ -181,23 +181,29 @@ def test_extraction_bad_image_gives_zeros_and_reason(tmp_path):
 
 # ------------------------------------------------------------------------- view sampling
 
-def test_view0_is_centred_square_eval_crop_with_identity_colour():
-    for (w, h), box in {(120, 80): (20, 0, 80, 80), (81, 100): (0, 9, 81, 81),
-                        (64, 64): (0, 0, 64, 64), (7, 2): (2, 0, 2, 2)}.items():
+def test_view0_is_the_whole_image_with_identity_colour():
+    for w, h in [(120, 80), (81, 100), (64, 64), (7, 2)]:
         params = sample_views("d/c/img.png", w, h, 5, seed=3)
         assert params.shape == (5, N_PARAMS) and params.dtype == np.float32
         v0 = params[0]
-        assert tuple(v0[:4]) == box
+        assert tuple(v0[:4]) == (0, 0, w, h)
         assert v0[P["flip"]] == 0 and v0[P["grayscale"]] == 0
         assert (v0[P["brightness"]], v0[P["contrast"]], v0[P["saturation"]], v0[P["hue"]]) == (1, 1, 1, 0)
         assert tuple(v0[P["order0"]:P["order3"] + 1]) == (0, 1, 2, 3)
         np.testing.assert_array_equal(v0, eval_view(w, h))
 
 
-def test_eval_view_renders_exact_centre_crop():
+def test_eval_view_squashes_a_non_square_image_without_cropping():
+    # The official eval transform is Resize((S, S)): the whole 90x60 image squashed to S x S.
     image = noise_image(90, 60, 11)
-    view = render(image, eval_view(90, 60))
-    assert np.array_equal(np.asarray(view), np.asarray(image)[:, 15:75])
+    spec = InputSpec(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    expected = np.asarray(image.resize((16, 16), Image.BILINEAR), np.float32).transpose(2, 0, 1) / 255.0
+    assert np.array_equal(np.asarray(render(image, eval_view(90, 60))), np.asarray(image))
+    np.testing.assert_allclose(spec(render(image, eval_view(90, 60))).numpy(), expected, atol=1e-6)
+
+
+def test_eval_view_is_part_of_the_cache_identity():
+    assert Augment().to_dict()["eval_view"] == "full-image"
 
 
 def test_views_reproducible_and_seed_dependent():
