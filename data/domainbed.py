@@ -1,18 +1,21 @@
 """DomainBed folder layout: ``ROOT/<domain>/<class>/<image>``.
 
 Classes are one sorted list across all domains (a domain may lack a class). Each domain is
-split into train/val by ranking its images on a seeded hash of their path: the split depends
-only on the seed and the file names, never on listing order or the machine.
+split into train/val exactly as DomainBed (and VL2V) do: its images in torchvision ImageFolder
+order are shuffled by ``np.random.RandomState(seed_hash(trial_seed, domain_index))`` and the
+first ``int(0.2 * n)`` are the validation ("out") split.
 """
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cache.fingerprint import sha256_json, stable_int
+from cache.fingerprint import sha256_json
 from cache.errors import UserError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}  # ImageFolder's
 TRAIN, VAL = "train", "val"
 
 
@@ -113,14 +116,16 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
         raise UserError(f"dataset folder not found: {root}")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    entries = []  # (domain, class, relative path, stat)
+    entries = []  # (domain, class, relative path, stat), each domain in ImageFolder order
     for domain_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for class_dir in sorted(p for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for image in sorted(class_dir.rglob("*")):
-                hidden = any(part.startswith(".") for part in image.relative_to(class_dir).parts)
-                if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file() and not hidden:
-                    entries.append((domain_dir.name, class_dir.name,
-                                    image.relative_to(root).as_posix(), image.stat()))
+            for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):  # as ImageFolder
+                for name in sorted(names):
+                    image = Path(folder) / name
+                    hidden = any(part.startswith(".") for part in image.relative_to(class_dir).parts)
+                    if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file() and not hidden:
+                        entries.append((domain_dir.name, class_dir.name,
+                                        image.relative_to(root).as_posix(), image.stat()))
     if not entries:
         raise UserError(f"no images found in {root}: expected ROOT/<domain>/<class>/<image> "
                         f"with extensions {', '.join(sorted(IMAGE_EXTENSIONS))}")
@@ -131,7 +136,7 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
     index = ImageIndex(
         root=root.resolve(), domains=domains, classes=classes, paths=paths, domain=domain,
         label=np.array([classes.index(e[1]) for e in entries], dtype=np.int64),
-        split=split_by_hash(paths, domain, val_fraction, split_seed),
+        split=domainbed_split(domain, val_fraction, split_seed),
         size=np.array([e[3].st_size for e in entries], dtype=np.int64),
         mtime_ns=np.array([e[3].st_mtime_ns for e in entries], dtype=np.int64),
         val_fraction=val_fraction, split_seed=split_seed,
@@ -139,12 +144,18 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
     return index
 
 
-def split_by_hash(paths, domain: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """In each domain, the ``round(val_fraction * n)`` images with the smallest seeded hash are VAL."""
-    split = np.full(len(paths), TRAIN, dtype=object)
-    keys = np.array([stable_int(f"{seed}:{p}") for p in paths], dtype=np.uint64)
-    for d in np.unique(domain):
-        rows = np.flatnonzero(domain == d)
-        n_val = int(round(val_fraction * len(rows)))
-        split[rows[np.argsort(keys[rows], kind="stable")[:n_val]]] = VAL
+def seed_hash(*args) -> int:
+    """DomainBed's ``misc.seed_hash``: an integer seed derived from the arguments."""
+    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2 ** 31)
+
+
+def domainbed_split(domain: np.ndarray, val_fraction: float, trial_seed: int) -> np.ndarray:
+    """DomainBed's ``split_dataset`` per domain: rows of each domain in ImageFolder order, the first
+    ``int(n * val_fraction)`` of the shuffled keys are VAL ("out"), the rest TRAIN ("in")."""
+    split = np.full(len(domain), TRAIN, dtype=object)
+    for env_i in np.unique(domain):
+        rows = np.flatnonzero(domain == env_i)
+        keys = list(range(len(rows)))
+        np.random.RandomState(seed_hash(trial_seed, int(env_i))).shuffle(keys)
+        split[rows[keys[:int(len(rows) * val_fraction)]]] = VAL
     return split.astype(str)

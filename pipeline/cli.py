@@ -83,7 +83,7 @@ def main():
 @click.option("--templates", "template_set", default="photo", show_default=True,
               help="Prompt template set: photo, rise7 or styles.")
 @click.option("--val-fraction", default=0.2, show_default=True, help="Per-domain validation fraction.")
-@click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--split-seed", default=0, show_default=True, help="DomainBed trial seed of the train/val split.")
 @click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per teacher batch.")
 @WORKERS
 @FORCE
