@@ -765,3 +765,45 @@ def test_reported_source_val_accuracy_weighs_domains_equally():
     result = summarize({"a": 1.0, "b": 1 / 3, "held": 0.25}, {}, "held", {"a": 1, "b": 3, "held": 8})
     assert result["source_val_acc"] == pytest.approx(2 / 3)
     assert result["holdout_acc"] == 0.25
+
+
+# =========================================================================== prompts and text targets
+class RecordingTeacher:
+    """Embeds prompt i as a fixed raw vector and records the exact prompt strings."""
+
+    def __init__(self, vectors):
+        self.vectors, self.prompts = vectors, []
+
+    def encode_texts(self, texts, normalize=True):
+        self.prompts += texts
+        raw = t([self.vectors[len(self.prompts) - len(texts) + i] for i in range(len(texts))])
+        return nn.functional.normalize(raw, dim=-1) if normalize else raw
+
+
+def test_rise_ensemble_averages_raw_embeddings_then_normalises():
+    # Two templates with raw embeddings [3, 0] and [0, 1]: RISE's mean is [1.5, 0.5] -> [0.9487, 0.3162];
+    # VL2V's mean of normalised vectors would be [0.5, 0.5] -> [0.7071, 0.7071].
+    from stages.extract import encode_class_texts
+    from stages.teacher import rise_ensemble, text_classifier
+    teacher = RecordingTeacher([[3.0, 0.0], [0.0, 1.0]])
+    raw = encode_class_texts(teacher, ["cat"], ("{}", "{}!"), rise=True)
+    assert rise_ensemble(raw)[0].tolist() == pytest.approx([1.5 / math.sqrt(2.5), 0.5 / math.sqrt(2.5)])
+    teacher = RecordingTeacher([[3.0, 0.0], [0.0, 1.0]])
+    normalised = encode_class_texts(teacher, ["cat"], ("{}", "{}!"))
+    assert text_classifier(normalised)[0].tolist() == pytest.approx([math.sqrt(0.5), math.sqrt(0.5)])
+
+
+def test_prompt_strings_are_the_official_ones():
+    from stages.extract import encode_anchors, encode_class_texts
+    from stages.prompts import TEMPLATE_SETS
+    teacher = RecordingTeacher([[1.0, 0.0]] * 20)
+    encode_class_texts(teacher, ["Alarm_Clock"], TEMPLATE_SETS["photo"])
+    assert teacher.prompts == ["a photo of a Alarm Clock"]  # VL2V: "_" -> " ", no period
+    teacher = RecordingTeacher([[1.0, 0.0]] * 20)
+    encode_class_texts(teacher, ["Alarm_Clock"], TEMPLATE_SETS["rise7"], rise=True)
+    assert teacher.prompts == ["itap of a Alarm_Clock.", "a bad photo of the Alarm_Clock.", "a origami Alarm_Clock.",
+                               "a photo of the large Alarm_Clock.", "a Alarm_Clock in a video game.",
+                               "art of the Alarm_Clock.", "a photo of the small Alarm_Clock."]
+    teacher = RecordingTeacher([[1.0, 0.0]] * 20)
+    encode_anchors(teacher, ["Alarm_Clock"], ["art_painting", "bright photo"])
+    assert teacher.prompts == ["a art_painting of a Alarm_Clock", "a bright photo of a Alarm_Clock"]
