@@ -21,7 +21,7 @@ from stages.methods import ALIGN_HPARAMS
 from stages.runtime import device, loader
 from stages import stage
 from stages.stage import Stage, require_positive, require_rates, save_outputs
-from stages.student import create_backbone, student_key
+from stages.student import create_backbone, resolved_weights, student_key
 
 
 class StudentFeatures(Stage):
@@ -32,7 +32,8 @@ class StudentFeatures(Stage):
         self.run, self.batch_size, self.workers = run, batch_size, workers
         self.key = student_key(student, student_weights, student_size)
         self.folder = run.features_dir(self.key)
-        self.config = {"student": student, "student_weights": student_weights, "student_size": student_size}
+        self.config = {"student": student, "student_weights": student_weights, "student_size": student_size,
+                       "resolved_weights": resolved_weights(student, student_weights)}
         self.inputs = run.teacher_cache_input()
         self.outputs = [student_features.FILE, "student.json"]
 
@@ -46,7 +47,8 @@ class StudentFeatures(Stage):
     @torch.inference_mode()
     def compute(self) -> dict:
         index = self.run.load_index()
-        backbone, spec = create_backbone(*self.config.values())
+        c = self.config
+        backbone, spec = create_backbone(c["student"], c["student_weights"], c["student_size"])
         view_params = store.read(self.run.teacher_cache, "view_params")
         n_views = view_params.shape[1]
         say(f"align: caching frozen {self.config['student']} features of {len(index.rows())} images x {n_views} views")

@@ -32,7 +32,7 @@ from stages.fit import source_val_accuracy
 from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage, require_positive, require_rates, save_outputs
-from stages.student import create_backbone, feature_dim, student_key
+from stages.student import create_backbone, feature_dim, resolved_weights, student_key
 from stages.swad import LossValley, RunningAverage, Segment, restarts_segment
 from stages.teacher import OpenClipTeacher
 
@@ -144,7 +144,8 @@ def resolve_student(run, method, holdout: str, student: str | None, student_weig
         key = run.aligned_student(holdout, student if method.needs_alignment else None)
         return key, json.loads((run.features_dir(key) / "student.json").read_text())
     return student_key(student, student_weights, student_size), {
-        "student": student, "student_weights": student_weights, "student_size": student_size}
+        "student": student, "student_weights": student_weights, "student_size": student_size,
+        "resolved_weights": resolved_weights(student, student_weights)}
 
 
 def cached_teacher(cache: TeacherCache, weights: bool = True) -> OpenClipTeacher:

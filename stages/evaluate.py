@@ -19,6 +19,7 @@ from data.images import ReplayImages
 from stages.distill import anchor_names, build_student
 from stages.methods import BACKBONE, TEACHER, method_named
 from stages.runtime import device, loader
+from stages.student import resolved_weights
 from stages.stage import Stage
 
 
@@ -54,6 +55,7 @@ class Evaluate(Stage):
 
     def compute(self) -> dict:
         cache, index = TeacherCache(self.run.teacher_cache), self.index
+        weights_loaded = None  # the student's starting weights, as loaded (e.g. a timm tag)
         if self.method.student == TEACHER:
             weights = load_file(self.weights) if self.weights else None
             metrics = evaluate_cached(self.method.logits_of(weights, cache), cache, index, self.holdout)
@@ -61,12 +63,15 @@ class Evaluate(Stage):
             trained = json.loads((self.weights.parent / "config.json").read_text())
             text = cache.text(anchor_names(cache, trained["sources"], trained["anchors"]))
             net, spec = build_student(self.method, trained["student"], cache, text, teacher_weights=False)
+            if self.method.student == BACKBONE:
+                weights_loaded = resolved_weights(trained["student"]["student"], trained["student"]["student_weights"])
             net.load_state_dict(load_file(self.weights))
             predictor = self.method(net.to(device()), text, 1)
             dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
             metrics = evaluate_student(predictor.predict, dataset, index, self.holdout, self.workers)
         attrs = store.read_attrs(self.run.teacher_cache)
-        result = {"method": self.method.name, "model": self.model, "student": self.key, "teacher": attrs["teacher"],
+        result = {"method": self.method.name, "model": self.model, "student": self.key,
+                  "student_weights": weights_loaded, "teacher": attrs["teacher"],
                   "pretrained": attrs["pretrained"], "holdout": self.holdout, "seed": self.seed, **metrics,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (self.folder / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -82,6 +82,7 @@ def test_methods_train_and_evaluate_without_the_teacher(method, run_copy, teache
     assert record["split"]["sketch"] == "train" and record["split"]["photo"] == "val"
     assert record["images"]["sketch"] == 16 and record["images"]["photo"] == 4
     assert 0.0 <= record["holdout_acc"] <= 1.0
+    assert record["student_weights"] == (None if method == "probe" else "none")  # the weights loaded
     key = "teacher" if method == "probe" else "test_resnet_none_32px"
     for model in models:
         assert (run_copy / "distill" / method / key / "sketch" / "seed0" / f"{model}.safetensors").exists()
