@@ -206,10 +206,13 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
 @click.option("--per-domain", type=POSITIVE, default=None, help="Images per source domain per step.")
 @click.option("--eval-every", type=POSITIVE, default=None, help="Steps between source-val checks.")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
+@click.option("--preset", type=click.Choice(list(config.PRESETS)), default=None,
+              help="The official per-dataset numbers (steps, validation interval, per-method settings and "
+                   "hyperparameter sweeps); explicit options still override them.")
 @WORKERS
 @FORCE
 def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, student, student_weights,
-        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, workers, force):
+        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, workers, force):
     """Every held-out domain x method x seed from one extraction, then the table.
 
     With no arguments: the built-in demo (generated shapes in four styles, tiny models).
@@ -220,7 +223,7 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
         "teacher": teacher, "pretrained": pretrained, "student": student, "student_weights": student_weights,
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
-        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix)
+        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset)
 
 
 @main.command()

@@ -57,11 +57,12 @@ class RunFolder:
     def align_dir(self, student: str, holdout: str) -> Path:
         return self.root / "align" / student / holdout
 
-    def distill_dir(self, method: str, student: str, holdout: str, seed: int) -> Path:
-        return self.root / "distill" / method / student / holdout / f"seed{seed}"
+    def distill_dir(self, method: str, student: str, holdout: str, seed: int, variant: str | None = None) -> Path:
+        """``variant`` names one point of a hyperparameter sweep (``seed0-<variant>``)."""
+        return self.root / "distill" / method / student / holdout / (f"seed{seed}" + (f"-{variant}" if variant else ""))
 
-    def evaluation_dir(self, label: str, student: str, holdout: str, seed: int) -> Path:
-        return self.root / "evaluate" / label / student / holdout / f"seed{seed}"
+    def evaluation_dir(self, label: str, student: str, holdout: str, seed: int, variant: str | None = None) -> Path:
+        return self.root / "evaluate" / label / student / holdout / (f"seed{seed}" + (f"-{variant}" if variant else ""))
 
     def output_hash(self, path) -> str | None:
         """Fingerprint of a finished stage's output file (None if missing or unrecorded)."""

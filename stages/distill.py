@@ -40,14 +40,15 @@ class Distill(Stage):
     """Train one method for one held-out domain and seed; save its best (and SWAD) weights.
 
     ``teacher_online`` runs the teacher on every replayed view instead of reading the cache:
-    the official code's way, kept as the reference the cache is checked against.
+    the official code's way, kept as the reference the cache is checked against. ``variant``
+    names one point of a hyperparameter sweep (its own folder).
     """
 
     def __init__(self, run, method: str, holdout: str, *, student: str | None = None,
                  student_weights: str = "imagenet", student_size=None, steps: int, per_domain: int,
                  seed: int = 0, eval_every: int, workers: int = 0, hparams: dict | None = None,
                  cutmix: float = 0.0, swad: bool | None = None, anchors: str = "domains",
-                 teacher_online: bool = False):
+                 teacher_online: bool = False, variant: str | None = None):
         self.method = method_named(method)
         require_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
         require_rates(hparams or {})
@@ -72,7 +73,7 @@ class Distill(Stage):
                        "per_domain": per_domain, "seed": seed, "eval_every": eval_every, "hparams": self.hparams,
                        "cutmix": cutmix, "swad": self.swad, "anchors": anchors,
                        **({"teacher_online": True} if teacher_online else {})}
-        self.folder = run.distill_dir(self.method.name, self.key, holdout, seed)
+        self.folder = run.distill_dir(self.method.name, self.key, holdout, seed, variant)
 
     def describe(self) -> str:
         return f"distill {self.method.name} for held-out '{self.holdout}' ({self.key}, seed {self.seed})"

@@ -24,7 +24,7 @@ def test_extract_records_teacher_views_and_dataset(extracted, teacher_dir, datas
     files = {p.name: sha256_file(p) for p in sorted(teacher_dir.iterdir())}
     assert attrs["checkpoint_sha256"] == sha256_json(files)
     assert attrs["views"] == 3 and attrs["view_seed"] == 0
-    assert attrs["templates"] == 'json:["a photo of a {}."]'
+    assert attrs["templates"] == 'json:["a photo of a {}"]'  # VL2V's exact prompt, no period
     assert attrs["format_version"] == 1
     info = json.loads(invoke("info", "--run", extracted, "--json").output)
     assert info["cache"]["teacher"] == attrs["teacher"]
