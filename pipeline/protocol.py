@@ -92,7 +92,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                     preset_settings = config.method_settings(settings, name)
                     hparams = {**(method.demo if settings["demo"] else {}), **preset_settings.get("hparams", {})}
                     grid = preset_settings.get("grid") or [{}]
-                    chosen = {"variant": None}
+                    selected = {"variant": None}
                     if method.trains:
                         on_cache = method.student == TEACHER  # a linear problem on the cache, like align
                         own = ({**student, "student": aligned} if method.needs_alignment else student) \
@@ -111,16 +111,16 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                             if method.student == BACKBONE:
                                 trained_key = distill.key
                         # selected by source validation alone (the first on ties; no test-set tie-break)
-                        chosen = max(candidates, key=lambda c: c["best_source_val_acc"])
+                        selected = max(candidates, key=lambda c: c["best_source_val_acc"])
                         if len(grid) > 1:
                             sweeps.append({"method": name, "holdout": holdout, "seed": seed,
-                                           "selected": chosen["hparams"], "candidates": candidates})
-                            say(f"run: {name} held-out '{holdout}' seed {seed}: selected {chosen['hparams']} "
-                                f"of {len(grid)} by source validation ({100 * chosen['best_source_val_acc']:.1f}%)")
+                                           "selected": selected["hparams"], "candidates": candidates})
+                            say(f"run: {name} held-out '{holdout}' seed {seed}: selected {selected['hparams']} "
+                                f"of {len(grid)} by source validation ({100 * selected['best_source_val_acc']:.1f}%)")
                     for model in method.models():
                         result = timed("evaluate", lambda: stage.run(Evaluate(
                             run, name, holdout, student=trained_key if method.student == BACKBONE else None,
-                            seed=seed, model=model, workers=workers, variant=chosen["variant"]), force, quiet=True))
+                            seed=seed, model=model, workers=workers, variant=selected["variant"]), force, quiet=True))
                         results.append(result)
                         say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
                             f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")

@@ -106,10 +106,12 @@ class RunFolder:
                     f"run `pipeline align --run {self.root} --student NAME --holdout {holdout}` first",
             several=f"several aligned students for '{holdout}'")
 
-    def trained_student(self, method: str, holdout: str, student: str | None, seed: int) -> str:
-        """The student key of a finished ``method`` run for ``holdout`` and ``seed``."""
+    def trained_student(self, method: str, holdout: str, student: str | None, seed: int,
+                        variant: str | None = None) -> str:
+        """The student key of a finished ``method`` run for ``holdout`` and ``seed`` (and sweep ``variant``)."""
+        folder = self.distill_dir(method, "*", holdout, seed, variant).relative_to(self.root).as_posix()
         return self._pick_student(
-            self._finished_students(f"distill/{method}/*/{holdout}/seed{seed}/manifest.json", 2), student,
+            self._finished_students(f"{folder}/manifest.json", 2), student,
             missing=f"no trained {method} model for held-out '{holdout}', seed {seed} in {self.root}; run "
                     f"`pipeline distill --run {self.root} --method {method} --holdout {holdout}` first",
             several=f"several {method} students for '{holdout}'")

@@ -39,7 +39,7 @@ class Evaluate(Stage):
             self.key, self.model = TEACHER, "cache"
         else:
             self.key = self.method.student if self.method.student != BACKBONE else \
-                run.trained_student(self.method.name, holdout, student, seed)
+                run.trained_student(self.method.name, holdout, student, seed, variant)
             self.weights = run.distill_dir(self.method.name, self.key, holdout, seed, variant) / f"{model}.safetensors"
             digest = run.output_hash(self.weights)
             if digest is None:
