@@ -131,7 +131,8 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         align_steps = 200
         started = time.perf_counter()
         align_stage.align(features, cache.image_emb, cache.classifier, labels, train_rows,
-                          [index.rows([d], "val") for d in sources], steps=align_steps, per_domain=per_domain, eval_every=align_steps)
+                          [index.rows([d], "val") for d in sources], steps=align_steps, per_domain=per_domain,
+                          eval_every=align_steps)
         cached_align = (time.perf_counter() - started) / align_steps
         frozen = backbone.eval()
         with torch.no_grad():

@@ -4,7 +4,7 @@ No teacher in the loop: each step decodes the recorded views (in DataLoader work
 student forward and backward, and reads the teacher's embeddings of those exact views from
 memory. Every ``eval_every`` steps the source-validation accuracy and loss are measured; the
 model with the best accuracy is kept (DomainBed's training-domain validation) and, with SWAD,
-the dense weight average over the loss valley as well.
+the dense weight average over the loss valley as well (training stops where the valley ends).
 
 At every validation the whole training state is checkpointed (temp file, then rename); a run
 that was killed continues from there and ends with the same weights as an uninterrupted run.
@@ -35,6 +35,7 @@ from stages.stage import Stage, require_positive, require_rates, save_outputs
 from stages.student import create_backbone, feature_dim, resolved_weights, student_key
 from stages.swad import LossValley, RunningAverage, Segment, restarts_segment
 from stages.teacher import OpenClipTeacher
+
 
 class Distill(Stage):
     """Train one method for one held-out domain and seed; save its best (and SWAD) weights.
@@ -297,7 +298,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                 if acc > best[0]:
                     best = (acc, copy.deepcopy(model.state_dict()), step)
                 if swad:
-                    valley.update(Segment({k: v.clone() for k, v in segment.state.items()}, val_loss, segment_start, step))
+                    frozen = {k: v.clone() for k, v in segment.state.items()}  # the segment may keep growing
+                    valley.update(Segment(frozen, val_loss, segment_start, step))
                     if valley.dead_valley:
                         break  # the official trainer stops when the loss valley ends
                     if restarts_segment(step):
@@ -310,7 +312,7 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
     states = {"best": best[1]}
     summary = {"best_step": best[2], "best_source_val_acc": best[0],
                "teacher_image_forwards": online.forwards if online is not None else 0,
-               "train_seconds_per_step": round(train_seconds / max(steps - first_step, 1), 5)}
+               "train_seconds_per_step": round(train_seconds / max(log[-1]["step"] - first_step, 1), 5)}
     if swad:
         # No BatchNorm re-estimation, as the official code with frozen BatchNorm
         model.load_state_dict(valley.final_state())

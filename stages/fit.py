@@ -38,8 +38,8 @@ def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_
         optimizer.step()
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
-                acc = source_val_accuracy([(logits(module(features[rows, 0].float())).argmax(-1) == labels[rows]).numpy()
-                                           for rows in val_rows])
+                predicted = [logits(module(features[rows, 0].float())).argmax(-1) for rows in val_rows]
+                acc = source_val_accuracy([(p == labels[rows]).numpy() for p, rows in zip(predicted, val_rows)])
             log.append({"step": step, "loss": round(batch_loss.item(), 5), "source_val_acc": acc})
             if acc > best[0]:
                 best = (acc, copy.deepcopy(module.state_dict()), step)
