@@ -99,7 +99,10 @@ class Distill(Stage):
             model, spec = build_student(self.method, self.student, cache, text, teacher_weights=True)
             if self.method.needs_alignment:
                 model.projection.load_state_dict(load_file(self.projection))
-            trainer = self.method(model, text, c["steps"], **self.hparams)
+            # Frozen BatchNorm keeps pre-trained statistics; a random-init student has none to keep
+            random_init = self.student.get("student_weights") == "none"
+            trainer = self.method(model, text, c["steps"], freeze_batchnorm=False if random_init else None,
+                                  **self.hparams)
             online = OnlineTargets(cached_teacher(cache)) if self.teacher_online else None
             dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
                                    teacher_spec=online.teacher.input_spec if online else None)

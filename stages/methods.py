@@ -121,8 +121,11 @@ class Method:
         one per training image per step of every stage that distils."""
         return steps * batch
 
-    def __init__(self, model: nn.Module, text: TextTargets, steps: int, **hparams):
+    def __init__(self, model: nn.Module, text: TextTargets, steps: int, freeze_batchnorm: bool | None = None,
+                 **hparams):
         self.model, self.text, self.steps = model, text, steps
+        if freeze_batchnorm is not None:  # e.g. off for a random-init student: no statistics to keep
+            self.freeze_batchnorm = freeze_batchnorm
         self.hp = {**self.hparams, **{k: v for k, v in hparams.items() if v is not None and k in self.hparams}}
         params = [p for p in self.trainable() if p.requires_grad]
         if self.optimizer_kind == "sgd":
@@ -270,8 +273,8 @@ class RISE(Method):
     hparams = {"lr": 1e-3, "weight_decay": 5e-4, "temperature": 3.0, "w_kd": 0.9, "w_ce": 0.1, "w_dist": 1.0}
     demo = {"lr": 3e-3}
 
-    def __init__(self, model, text, steps, **hparams):
-        super().__init__(model, text, steps, **hparams)
+    def __init__(self, model, text, steps, freeze_batchnorm=None, **hparams):
+        super().__init__(model, text, steps, freeze_batchnorm, **hparams)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=max(1, int(0.8 * steps)), gamma=0.1)
 
     @staticmethod

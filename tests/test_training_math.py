@@ -807,3 +807,11 @@ def test_prompt_strings_are_the_official_ones():
     teacher = RecordingTeacher([[1.0, 0.0]] * 20)
     encode_anchors(teacher, ["Alarm_Clock"], ["art_painting", "bright photo"])
     assert teacher.prompts == ["a art_painting of a Alarm_Clock", "a bright photo of a Alarm_Clock"]
+
+
+def test_batchnorm_trains_normally_when_freezing_is_switched_off():
+    # Distill switches freezing off for a random-init student (its statistics are just 0 and 1).
+    bn = nn.BatchNorm1d(D)
+    method = make(ADiP, backbone=nn.Sequential(nn.Linear(4, D), bn), dim=D, freeze_batchnorm=False)
+    method.update(tiny_batch())
+    assert bn.num_batches_tracked.item() == 1
