@@ -101,7 +101,7 @@ def main():
 @click.option("--templates", "template_set", default="photo", show_default=True,
               help="Prompt template set: photo, rise7 or styles.")
 @click.option("--val-fraction", default=0.2, show_default=True, help="Per-domain validation fraction.")
-@click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--split-seed", default=0, show_default=True, help="DomainBed trial seed of the train/val split.")
 @click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per teacher batch.")
 @WORKERS
 @FORCE
@@ -229,11 +229,15 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
 @click.option("--per-domain", type=POSITIVE, default=None, help="Images per source domain per step.")
 @click.option("--eval-every", type=POSITIVE, default=None, help="Steps between source-val checks.")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
+@click.option("--preset", type=click.Choice(list(config.PRESETS)), default=None,
+              help="The official per-dataset numbers (steps, validation interval, per-method settings and "
+                   "hyperparameter sweeps); explicit options still override them.")
 @PIXEL_CACHE
 @WORKERS
 @FORCE
 def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, student, student_weights,
-        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, pixel_cache, workers, force):
+        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, workers,
+        force):
     """Every held-out domain x method x seed from one extraction, then the table.
 
     With no arguments: the built-in demo (generated shapes in four styles, tiny models).
@@ -244,7 +248,7 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
         "teacher": teacher, "pretrained": pretrained, "student": student, "student_weights": student_weights,
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
-        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, pixel_cache=pixel_cache)
+        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset, pixel_cache=pixel_cache)
 
 
 @main.command()

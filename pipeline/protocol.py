@@ -24,9 +24,19 @@ def parse_list(text: str, name: str) -> list:
     return values
 
 
+def variant_name(hparams: dict) -> str:
+    """Folder suffix of one sweep point, e.g. ``w_kd0.9-w_ce0.1-w_dist0.5``."""
+    return "-".join(f"{k}{v:g}" for k, v in hparams.items())
+
+
 def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
-            workers: int, force: bool, cutmix: float = 0.0, pixel_cache: str = "raw") -> str:
+            workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
+            pixel_cache: str = "raw") -> str:
     settings = dict(config.REAL if data_root else config.DEMO)
+    if preset is not None:
+        if preset not in config.PRESETS:
+            raise UserError(f"unknown preset '{preset}'; choose from {', '.join(config.PRESETS)}")
+        settings.update(config.PRESETS[preset], preset=preset)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     chosen_methods = parse_list(methods, "methods") if methods else \
         [m for m, cls in METHODS.items() if cls.in_default_run]
@@ -38,7 +48,8 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got '{seeds}'")
     run = RunFolder(run_dir or config.DEMO_RUN)
-    timings = {}
+    timings, sweeps = {}, []
+    say("run: settings " + json.dumps(settings))
 
     def timed(name, fn):
         started = time.time()
@@ -79,25 +90,43 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                     method = METHODS[name]
                     if not method.seeded and seed != seed_list[0]:
                         continue  # no randomness: one evaluation serves every seed
-                    hparams = method.demo if settings["demo"] else {}
+                    preset_settings = config.method_settings(settings, name)
+                    hparams = {**(method.demo if settings["demo"] else {}), **preset_settings.get("hparams", {})}
+                    grid = preset_settings.get("grid") or [{}]
+                    selected = {"variant": None}
                     if method.trains:
                         on_cache = method.student == TEACHER  # a linear problem on the cache, like align
                         own = ({**student, "student": aligned} if method.needs_alignment else student) \
                             if method.student == BACKBONE else {}
-                        distill = Distill(run, name, holdout, **own, seed=seed, cutmix=0.0 if on_cache else cutmix,
-                                          hparams=hparams, pixel_cache=pixel_cache, **{**train, "steps": settings["align_steps"]
-                                                              if on_cache else settings["steps"]})
-                        timed("distill", lambda: stage.run(distill, force))
-                        if method.student == BACKBONE:
-                            trained_key = distill.key
+                        candidates = []
+                        for point in grid:  # a preset's sweep: every point from the same cache
+                            variant = variant_name(point) if len(grid) > 1 else None
+                            distill = Distill(run, name, holdout, **own, seed=seed,
+                                              cutmix=0.0 if on_cache else cutmix, hparams={**hparams, **point},
+                                              anchors=preset_settings.get("anchors", "domains"), variant=variant,
+                                              pixel_cache=pixel_cache,
+                                              **{**train, "steps": settings["align_steps"]
+                                                 if on_cache else settings["steps"]})
+                            summary = timed("distill", lambda: stage.run(distill, force))
+                            candidates.append({"variant": variant, "hparams": point,
+                                               "best_source_val_acc": summary["best_source_val_acc"]})
+                            if method.student == BACKBONE:
+                                trained_key = distill.key
+                        # selected by source validation alone (the first on ties; no test-set tie-break)
+                        selected = max(candidates, key=lambda c: c["best_source_val_acc"])
+                        if len(grid) > 1:
+                            sweeps.append({"method": name, "holdout": holdout, "seed": seed,
+                                           "selected": selected["hparams"], "candidates": candidates})
+                            say(f"run: {name} held-out '{holdout}' seed {seed}: selected {selected['hparams']} "
+                                f"of {len(grid)} by source validation ({100 * selected['best_source_val_acc']:.1f}%)")
                     for model in method.models():
                         result = timed("evaluate", lambda: stage.run(Evaluate(
                             run, name, holdout, student=trained_key if method.student == BACKBONE else None,
-                            seed=seed, model=model, workers=workers), force, quiet=True))
+                            seed=seed, model=model, workers=workers, variant=selected["variant"]), force, quiet=True))
                         results.append(result)
                         say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
                             f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
-                    official += method.official_teacher_forwards(
+                    official += len(grid) * method.official_teacher_forwards(
                         steps=settings["steps"], align_steps=settings["align_steps"],
                         batch=settings["per_domain"] * n_sources)
         labels = [report.row_label({"method": m, "model": model}) for m in chosen_methods
@@ -112,7 +141,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         plotted = report.bar_chart(table, chosen, run.table.with_suffix(".png"))
         (run.root / "protocol.json").write_text(json.dumps(
             {"methods": chosen_methods, "seeds": seed_list, "holdouts": chosen, "settings": settings,
-             "official_teacher_forwards": official, "teacher_image_forwards": ours}, indent=2))
+             "sweeps": sweeps, "official_teacher_forwards": official, "teacher_image_forwards": ours}, indent=2))
     say("run: stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     print(f"\nHeld-out domain accuracy (%), mean ± standard error over seeds {','.join(map(str, seed_list))}; "
           f"teacher {settings['teacher'].split('/')[-1]}, student {settings['student']}:\n")

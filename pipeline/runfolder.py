@@ -55,11 +55,12 @@ class RunFolder:
     def align_dir(self, student: str, holdout: str) -> Path:
         return self.root / "align" / student / holdout
 
-    def distill_dir(self, method: str, student: str, holdout: str, seed: int) -> Path:
-        return self.root / "distill" / method / student / holdout / f"seed{seed}"
+    def distill_dir(self, method: str, student: str, holdout: str, seed: int, variant: str | None = None) -> Path:
+        """``variant`` names one point of a hyperparameter sweep (``seed0-<variant>``)."""
+        return self.root / "distill" / method / student / holdout / (f"seed{seed}" + (f"-{variant}" if variant else ""))
 
-    def evaluation_dir(self, label: str, student: str, holdout: str, seed: int) -> Path:
-        return self.root / "evaluate" / label / student / holdout / f"seed{seed}"
+    def evaluation_dir(self, label: str, student: str, holdout: str, seed: int, variant: str | None = None) -> Path:
+        return self.root / "evaluate" / label / student / holdout / (f"seed{seed}" + (f"-{variant}" if variant else ""))
 
     def output_hash(self, path) -> str | None:
         """Fingerprint of a finished stage's output file (None if missing or unrecorded). A later stage
@@ -109,10 +110,12 @@ class RunFolder:
                     f"run `pipeline align --run {self.root} --student NAME --holdout {holdout}` first",
             several=f"several aligned students for '{holdout}'")
 
-    def trained_student(self, method: str, holdout: str, student: str | None, seed: int) -> str:
-        """The student key of a finished ``method`` run for ``holdout`` and ``seed``."""
+    def trained_student(self, method: str, holdout: str, student: str | None, seed: int,
+                        variant: str | None = None) -> str:
+        """The student key of a finished ``method`` run for ``holdout`` and ``seed`` (and sweep ``variant``)."""
+        folder = self.distill_dir(method, "*", holdout, seed, variant).relative_to(self.root).as_posix()
         return self._pick_student(
-            self._finished_students(f"distill/{method}/*/{holdout}/seed{seed}/manifest.json", 2), student,
+            self._finished_students(f"{folder}/manifest.json", 2), student,
             missing=f"no trained {method} model for held-out '{holdout}', seed {seed} in {self.root}; run "
                     f"`pipeline distill --run {self.root} --method {method} --holdout {holdout}` first",
             several=f"several {method} students for '{holdout}'")

@@ -70,9 +70,11 @@ class OpenClipTeacher:
             return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
 
     @torch.inference_mode()
-    def encode_texts(self, texts: list) -> torch.Tensor:
+    def encode_texts(self, texts: list, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings, L2-normalised unless ``normalize`` is False (RISE averages raw ones)."""
         tokens = self.tokenizer(texts).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+        embeddings = self.model.encode_text(tokens).float()
+        return (F.normalize(embeddings, dim=-1) if normalize else embeddings).cpu()
 
 
 def checkpoint_fingerprint(name: str, pretrained: str | None) -> str:
@@ -92,3 +94,11 @@ def text_classifier(per_template: torch.Tensor) -> torch.Tensor:
     As the official VL2V code: average the normalised template embeddings, re-normalise.
     """
     return F.normalize(per_template.float().mean(dim=1), dim=-1)
+
+
+def rise_ensemble(raw_per_template: torch.Tensor) -> torch.Tensor:
+    """[classes, templates, dim] raw (unnormalised) embeddings -> [classes, dim] class ensemble.
+
+    As the official RISE code: average the raw template embeddings, then normalise.
+    """
+    return F.normalize(raw_per_template.float().mean(dim=1), dim=-1)
