@@ -233,11 +233,14 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
               help="The official per-dataset numbers (steps, validation interval, per-method settings and "
                    "hyperparameter sweeps); explicit options still override them.")
 @PIXEL_CACHE
+@click.option("--jobs", default=1, show_default=True, type=POSITIVE,
+              help="Processes that train (held-out domain, seed) pairs side by side; one GPU each when "
+                   "there are GPUs.")
 @WORKERS
 @FORCE
 def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, student, student_weights,
-        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, workers,
-        force):
+        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, jobs,
+        workers, force):
     """Every held-out domain x method x seed from one extraction, then the table.
 
     With no arguments: the built-in demo (generated shapes in four styles, tiny models).
@@ -248,7 +251,8 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
         "teacher": teacher, "pretrained": pretrained, "student": student, "student_weights": student_weights,
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
-        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset, pixel_cache=pixel_cache)
+        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset, pixel_cache=pixel_cache,
+        jobs=jobs)
 
 
 @main.command()

@@ -37,3 +37,16 @@ def test_two_distills_and_an_evaluate_at_once(run_copy, tmp_path):
     assert _weights(run_copy) == _weights(in_turn) and len(_weights(run_copy)) == 2
     rows = (run_copy / "results.jsonl").read_text().splitlines()
     assert len(rows) == 1 and '"method": "zeroshot"' in rows[0]
+
+
+def test_run_with_two_jobs_gives_the_same_table(tmp_path, dataset, teacher_dir):
+    def run(jobs):
+        folder = tmp_path / f"jobs{jobs}"
+        result = invoke("run", "--data", dataset, "--run", folder, "--teacher", f"local-dir:{teacher_dir}",
+                        "--views", 2, "--student", "test_resnet", "--student-weights", "none", "--student-size", 32,
+                        "--methods", "zeroshot,erm", "--seeds", "0,1", "--holdouts", "photo,sketch", "--steps", 3,
+                        "--per-domain", 2, "--eval-every", 3, "--workers", 0, "--jobs", jobs)
+        assert result.exit_code == 0, result.output
+        return (folder / "table.md").read_text()
+
+    assert run(2) == run(1)
