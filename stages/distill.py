@@ -113,7 +113,9 @@ class Distill(Stage):
             pixel_spec = None
             if self.pixel_cache != "none" and online is None:  # the exact same pixels, rendered once
                 pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
-                stage.run(pixels, quiet=True)
+                if distributed.is_main():  # under torchrun rank 0 renders; the others read once it is done
+                    stage.run(pixels, quiet=True)
+                distributed.barrier()
                 dataset, pixel_spec = pixels.dataset(), spec
             else:
                 dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
