@@ -9,7 +9,6 @@
 - extraction peak memory for N and 2N images (streaming: it must not grow with N)
 - data path CPU per training image at 224 px from JPEGs: decode-and-render vs the pixel cache
 """
-import json
 import subprocess
 import sys
 import tempfile

@@ -13,7 +13,6 @@ validations of steps 3000, 4000, ... (``restarts_segment``).
 """
 from collections import deque
 
-import torch
 
 SEGMENT_RESTART_AFTER, SEGMENT_RESTART_EVERY = 2500, 1000
 

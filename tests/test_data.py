@@ -492,6 +492,7 @@ def test_scan_errors_are_user_errors(tmp_path):
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(UserError) as fraction:
             scan(tmp_path / "ok", val_fraction=bad)
+        assert "validation fraction" in str(fraction.value)
 
 
 def test_check_holdout(tmp_path):
