@@ -9,10 +9,10 @@ Datasets (row ``i`` is row ``i`` of ``index.parquet``):
   rows, written and read back before its status; checked on every load, so a damaged or silently
   lost write is found, and extraction recomputes just those blocks
 - ``text_emb``        [classes, templates, dim] float16, L2-normalised per prompt
-- ``classifier``      [classes, dim] float16: the templates averaged, then re-normalised
-- ``rise_text_emb``   [classes, 7, dim] float16: RISE's 7-template prompts, and their
-  ``rise_classifier`` [classes, dim] (the class ensemble)
-- ``anchor_emb``      [classes, anchors, dim] float16: "a {d} of a {class}." for every name in
+- ``classifier``      [classes, dim] float16: the templates averaged, then re-normalised (VL2V)
+- ``rise_text_emb``   [classes, 7, dim] float16: RISE's 7-template prompts, raw (unnormalised),
+  and ``rise_classifier`` [classes, dim]: their average, normalised (RISE's class ensemble)
+- ``anchor_emb``      [classes, anchors, dim] float16: "a {d} of a {class}" for every name in
   the attribute ``anchor_names`` (every domain, then RISE's generic anchors)
 
 Attributes: the teacher's identity (``IDENTITY_KEYS``: a store is reused only when all of them
@@ -39,7 +39,7 @@ ROW_DATASETS = ("image_emb", "view_params", "status")
 CHECKSUMS = "block_sha256"
 TEXT_DATASETS = ("text_emb", "classifier", "rise_text_emb", "rise_classifier", "anchor_emb")
 # Attributes that must match for a store to be reused; any difference means a rebuild.
-IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "templates",
+IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "templates", "rise_templates",
                  "views", "view_seed", "augment", "dataset_fingerprint", "format_version")
 # Attributes `pipeline info` shows.
 DESCRIBED_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", "templates", "views",

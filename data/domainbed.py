@@ -1,18 +1,21 @@
 """DomainBed folder layout: ``ROOT/<domain>/<class>/<image>``.
 
 Classes are one sorted list across all domains (a domain may lack a class). Each domain is
-split into train/val by ranking its images on a seeded hash of their path: the split depends
-only on the seed and the file names, never on listing order or the machine.
+split into train/val exactly as DomainBed (and VL2V) do: its images in torchvision ImageFolder
+order are shuffled by ``np.random.RandomState(seed_hash(trial_seed, domain_index))`` and the
+first ``int(0.2 * n)`` are the validation ("out") split.
 """
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cache.fingerprint import sha256_json, stable_int
+from cache.fingerprint import sha256_json
 from cache.errors import UserError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}  # ImageFolder's
 TRAIN, VAL = "train", "val"
 
 
@@ -62,12 +65,12 @@ class ImageIndex:
             raise UserError("leave-one-domain-out needs at least two domains")
         return [d for d in self.domains if d != holdout]
 
-    def sources(self, holdout: str) -> tuple[list, list, np.ndarray]:
-        """(source domains, their training rows per domain, their pooled validation rows)."""
+    def sources(self, holdout: str) -> tuple[list, list, list]:
+        """(source domains, their training rows per domain, their validation rows per domain)."""
         sources = self.check_holdout(holdout)
-        val_rows = self.rows(sources, VAL)
-        if not len(val_rows):
-            raise UserError("the source domains have no validation images; extract with a larger --val-fraction")
+        val_rows = [self.rows([d], VAL) for d in sources]
+        if not all(len(rows) for rows in val_rows):
+            raise UserError("a source domain has no validation images; extract with a larger --val-fraction")
         return sources, [self.rows([d], TRAIN) for d in sources], val_rows
 
     def to_columns(self) -> tuple[dict, dict]:
@@ -113,22 +116,32 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
         raise UserError(f"dataset folder not found: {root}")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    entries = []  # (domain, class, relative path, stat)
+    entries = []  # (domain, class, relative path, stat), each domain in ImageFolder order
     seen = {root.resolve()}  # folders already listed: a symlink back into one (a loop) is not followed
 
     def new_folders(parent):
-        for p in sorted(parent.iterdir(), key=lambda p: (p.is_symlink(), p.name)):  # real folders first
-            if p.is_dir() and not p.name.startswith(".") and p.resolve() not in seen:
-                seen.add(p.resolve())
-                yield p
+        found = sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        real = {p.resolve() for p in found if not p.is_symlink()}
+        for p in found:
+            if p.resolve() in seen or (p.is_symlink() and p.resolve() in real):
+                continue
+            seen.add(p.resolve())
+            yield p
 
     for domain_dir in list(new_folders(root)):
         for class_dir in list(new_folders(domain_dir)):
-            for image in sorted(class_dir.rglob("*")):  # rglob does not follow symlinked folders
-                hidden = any(part.startswith(".") for part in image.relative_to(class_dir).parts)
-                if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file() and not hidden:
-                    entries.append((domain_dir.name, class_dir.name,
-                                    image.relative_to(root).as_posix(), image.stat()))
+            walk = []
+            for folder, subfolders, names in os.walk(class_dir, followlinks=True):  # as ImageFolder
+                subfolders[:] = [d for d in subfolders if (Path(folder) / d).resolve() not in seen]
+                seen.update((Path(folder) / d).resolve() for d in subfolders)
+                walk.append((folder, names))
+            for folder, names in sorted(walk):
+                for name in sorted(names):
+                    image = Path(folder) / name
+                    hidden = any(part.startswith(".") for part in image.relative_to(class_dir).parts)
+                    if image.suffix.lower() in IMAGE_EXTENSIONS and image.is_file() and not hidden:
+                        entries.append((domain_dir.name, class_dir.name,
+                                        image.relative_to(root).as_posix(), image.stat()))
     if not entries:
         raise UserError(f"no images found in {root}: expected ROOT/<domain>/<class>/<image> "
                         f"with extensions {', '.join(sorted(IMAGE_EXTENSIONS))}")
@@ -139,7 +152,7 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
     index = ImageIndex(
         root=root.resolve(), domains=domains, classes=classes, paths=paths, domain=domain,
         label=np.array([classes.index(e[1]) for e in entries], dtype=np.int64),
-        split=split_by_hash(paths, domain, val_fraction, split_seed),
+        split=domainbed_split(domain, val_fraction, split_seed),
         size=np.array([e[3].st_size for e in entries], dtype=np.int64),
         mtime_ns=np.array([e[3].st_mtime_ns for e in entries], dtype=np.int64),
         val_fraction=val_fraction, split_seed=split_seed,
@@ -147,12 +160,18 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
     return index
 
 
-def split_by_hash(paths, domain: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """In each domain, the ``round(val_fraction * n)`` images with the smallest seeded hash are VAL."""
-    split = np.full(len(paths), TRAIN, dtype=object)
-    keys = np.array([stable_int(f"{seed}:{p}") for p in paths], dtype=np.uint64)
-    for d in np.unique(domain):
-        rows = np.flatnonzero(domain == d)
-        n_val = int(round(val_fraction * len(rows)))
-        split[rows[np.argsort(keys[rows], kind="stable")[:n_val]]] = VAL
+def seed_hash(*args) -> int:
+    """DomainBed's ``misc.seed_hash``: an integer seed derived from the arguments."""
+    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2 ** 31)
+
+
+def domainbed_split(domain: np.ndarray, val_fraction: float, trial_seed: int) -> np.ndarray:
+    """DomainBed's ``split_dataset`` per domain: rows of each domain in ImageFolder order, the first
+    ``int(n * val_fraction)`` of the shuffled keys are VAL ("out"), the rest TRAIN ("in")."""
+    split = np.full(len(domain), TRAIN, dtype=object)
+    for env_i in np.unique(domain):
+        rows = np.flatnonzero(domain == env_i)
+        keys = list(range(len(rows)))
+        np.random.RandomState(seed_hash(trial_seed, int(env_i))).shuffle(keys)
+        split[rows[keys[:int(len(rows) * val_fraction)]]] = VAL
     return split.astype(str)

@@ -9,7 +9,8 @@ normalisation (``InputSpec``).
 Sampling follows the official DomainBed/VL2V training transform: RandomResizedCrop with
 scale (0.7, 1.0) and ratio (3/4, 4/3), horizontal flip p=0.5, ColorJitter(0.3, 0.3, 0.3, 0.3)
 with a random order of its four operations, RandomGrayscale p=0.1. View 0 is the
-deterministic evaluation view: the centred square crop, no flip, no colour change.
+deterministic evaluation view: the whole image, no flip, no colour change; each model's
+``InputSpec`` squashes it to its square input, as the official ``Resize((224, 224))``.
 """
 import math
 from dataclasses import dataclass
@@ -35,16 +36,17 @@ class Augment:
     flip_p: float = 0.5
     jitter: float = 0.3
     grayscale_p: float = 0.1
+    eval_view: str = "full-image"  # view 0; part of the cache identity (older caches: a centred square)
 
     def to_dict(self) -> dict:
         return {"scale": list(self.scale), "ratio": list(self.ratio), "flip_p": self.flip_p,
-                "jitter": self.jitter, "grayscale_p": self.grayscale_p}
+                "jitter": self.jitter, "grayscale_p": self.grayscale_p, "eval_view": self.eval_view}
 
 
 def eval_view(width: int, height: int) -> np.ndarray:
-    side = min(width, height)
+    """The whole image, unchanged (the model's resize squashes it to a square, no crop)."""
     params = np.zeros(N_PARAMS, np.float32)
-    params[:4] = ((width - side) // 2, (height - side) // 2, side, side)
+    params[:4] = (0, 0, width, height)
     params[5:8] = 1.0  # brightness, contrast, saturation factors
     params[9:13] = (0, 1, 2, 3)
     return params

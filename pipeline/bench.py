@@ -9,7 +9,6 @@
 - extraction peak memory for N and 2N images (streaming: it must not grow with N)
 - data path CPU per training image at 224 px from JPEGs: decode-and-render vs the pixel cache
 """
-import json
 import subprocess
 import sys
 import tempfile
@@ -95,7 +94,7 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         # One training step: in-memory tensors vs. the cached pipeline vs. the online teacher.
         sources = index.domains[1:]
         train_rows = [index.rows([d], "train") for d in sources]
-        val_rows = index.rows(sources, "val")[:8]
+        val_rows = [index.rows([d], "val")[:3] for d in sources]
         text = cache.text(sources)
         backbone, spec = create_backbone(student, student_weights, student_size)
         step_batch = per_domain * len(sources)
@@ -139,8 +138,9 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         labels = torch.as_tensor(index.label)
         align_steps = 200
         started = time.perf_counter()
-        align_stage.align(features, cache.image_emb, cache.classifier, labels, train_rows, index.rows(sources, "val"),
-                          steps=align_steps, per_domain=per_domain, eval_every=align_steps)
+        align_stage.align(features, cache.image_emb, cache.classifier, labels, train_rows,
+                          [index.rows([d], "val") for d in sources], steps=align_steps, per_domain=per_domain,
+                          eval_every=align_steps)
         cached_align = (time.perf_counter() - started) / align_steps
         frozen = backbone.eval()
         with torch.no_grad():

@@ -101,13 +101,16 @@ def main():
 @click.option("--templates", "template_set", default="photo", show_default=True,
               help="Prompt template set: photo, rise7 or styles.")
 @click.option("--val-fraction", default=0.2, show_default=True, help="Per-domain validation fraction.")
-@click.option("--split-seed", default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--split-seed", default=0, show_default=True, help="DomainBed trial seed of the train/val split.")
 @click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per teacher batch.")
 @WORKERS
 @FORCE
 def extract(data_root, run_dir, teacher, pretrained, max_queries, teacher_concurrency, views, view_seed,
             template_set, val_fraction, split_seed, batch_size, workers, force):
     """Cache the teacher's embeddings of K views of every image and of every class prompt."""
+    given = click.get_current_context().get_parameter_source("pretrained") == click.core.ParameterSource.COMMANDLINE
+    if teacher.startswith("local-dir:") and given and _none(pretrained):
+        raise UserError("--pretrained does not apply to a local-dir: teacher: its folder holds the weights")
     with RunFolder(run_dir).writing() as run:
         stage.run(Extract(run, data_root, teacher=teacher, pretrained=_none(pretrained), views=views,
                           view_seed=view_seed, template_set=template_set, val_fraction=val_fraction,
@@ -226,11 +229,18 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
 @click.option("--per-domain", type=POSITIVE, default=None, help="Images per source domain per step.")
 @click.option("--eval-every", type=POSITIVE, default=None, help="Steps between source-val checks.")
 @click.option("--cutmix", type=float, default=0.0, show_default=True, help="CutMix probability per step.")
+@click.option("--preset", type=click.Choice(list(config.PRESETS)), default=None,
+              help="The official per-dataset numbers (steps, validation interval, per-method settings and "
+                   "hyperparameter sweeps); explicit options still override them.")
 @PIXEL_CACHE
+@click.option("--jobs", default=1, show_default=True, type=POSITIVE,
+              help="Processes that train (held-out domain, seed) pairs side by side; one GPU each when "
+                   "there are GPUs.")
 @WORKERS
 @FORCE
 def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, student, student_weights,
-        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, pixel_cache, workers, force):
+        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, jobs,
+        workers, force):
     """Every held-out domain x method x seed from one extraction, then the table.
 
     With no arguments: the built-in demo (generated shapes in four styles, tiny models).
@@ -241,7 +251,8 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
         "teacher": teacher, "pretrained": pretrained, "student": student, "student_weights": student_weights,
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
-        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, pixel_cache=pixel_cache)
+        holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset, pixel_cache=pixel_cache,
+        jobs=jobs)
 
 
 @main.command()

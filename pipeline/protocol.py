@@ -1,7 +1,13 @@
 """`pipeline run`: leave-one-domain-out over every held-out domain, method and seed, from one
 extraction, then the results table."""
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
 
 from cache import manifest
 from cache.errors import UserError
@@ -24,9 +30,19 @@ def parse_list(text: str, name: str) -> list:
     return values
 
 
+def variant_name(hparams: dict) -> str:
+    """Folder suffix of one sweep point, e.g. ``w_kd0.9-w_ce0.1-w_dist0.5``."""
+    return "-".join(f"{k}{v:g}" for k, v in hparams.items())
+
+
 def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
-            workers: int, force: bool, cutmix: float = 0.0, pixel_cache: str = "raw") -> str:
+            workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
+            pixel_cache: str = "raw", jobs: int = 1) -> str:
     settings = dict(config.REAL if data_root else config.DEMO)
+    if preset is not None:
+        if preset not in config.PRESETS:
+            raise UserError(f"unknown preset '{preset}'; choose from {', '.join(config.PRESETS)}")
+        settings.update(config.PRESETS[preset], preset=preset)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     chosen_methods = parse_list(methods, "methods") if methods else \
         [m for m, cls in METHODS.items() if cls.in_default_run]
@@ -39,6 +55,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         raise UserError(f"--seeds must be comma-separated integers, got '{seeds}'")
     run = RunFolder(run_dir or config.DEMO_RUN)
     timings = {}
+    say("run: settings " + json.dumps(settings))
 
     def timed(name, fn):
         started = time.time()
@@ -59,47 +76,26 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         chosen = parse_list(holdouts, "holdouts") if holdouts else index.domains
         for holdout in chosen:
             index.check_holdout(holdout)
-        student = {"student": settings["student"], "student_weights": settings["student_weights"],
-                   "student_size": settings["student_size"]}
-        train = {"steps": settings["steps"], "per_domain": settings["per_domain"],
-                 "eval_every": settings["eval_every"], "workers": workers}
-        official, results = 0, []
-        for holdout in chosen:
-            say(f"run: held-out domain '{holdout}'")
-            n_sources = len(index.domains) - 1
-            for seed in seed_list:
-                aligned = None  # this run's student, so other students in the run folder are never mixed in
-                if any(METHODS[m].needs_alignment for m in chosen_methods):
-                    aligned = timed("align", lambda: run_alignment(
-                        run, **student, holdout=holdout, steps=settings["align_steps"],
-                        per_domain=settings["per_domain"], lr=settings["align_lr"], seed=seed,
-                        eval_every=settings["eval_every"], workers=workers, force=force))
-                trained_key = aligned
-                for name in chosen_methods:
-                    method = METHODS[name]
-                    if not method.seeded and seed != seed_list[0]:
-                        continue  # no randomness: one evaluation serves every seed
-                    hparams = method.demo if settings["demo"] else {}
-                    if method.trains:
-                        on_cache = method.student == TEACHER  # a linear problem on the cache, like align
-                        own = ({**student, "student": aligned} if method.needs_alignment else student) \
-                            if method.student == BACKBONE else {}
-                        distill = Distill(run, name, holdout, **own, seed=seed, cutmix=0.0 if on_cache else cutmix,
-                                          hparams=hparams, pixel_cache=pixel_cache, **{**train, "steps": settings["align_steps"]
-                                                              if on_cache else settings["steps"]})
-                        timed("distill", lambda: stage.run(distill, force))
-                        if method.student == BACKBONE:
-                            trained_key = distill.key
-                    for model in method.models():
-                        result = timed("evaluate", lambda: stage.run(Evaluate(
-                            run, name, holdout, student=trained_key if method.student == BACKBONE else None,
-                            seed=seed, model=model, workers=workers), force, quiet=True))
-                        results.append(result)
-                        say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
-                            f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
-                    official += method.official_teacher_forwards(
-                        steps=settings["steps"], align_steps=settings["align_steps"],
-                        batch=settings["per_domain"] * n_sources)
+        grid = Grid(settings=settings, methods=chosen_methods, first_seed=seed_list[0],
+                    n_sources=len(index.domains) - 1, cutmix=cutmix, pixel_cache=pixel_cache, workers=workers,
+                    force=force)
+        units = [(holdout, seed) for holdout in chosen for seed in seed_list]
+        if jobs == 1:
+            done = [run_unit(run.root, grid, *unit) for unit in units]
+        else:  # independent trainings side by side: each stage locks only its own folder
+            say(f"run: {len(units)} (held-out domain, seed) trainings over {jobs} processes")
+            devices = multiprocessing.get_context("spawn").Manager().Queue()
+            for i in range(jobs):
+                devices.put(i % torch.cuda.device_count() if torch.cuda.device_count() else None)
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_one_device, initargs=(devices, jobs)) as pool:
+                done = list(pool.map(run_unit, [run.root] * len(units), [grid] * len(units), *zip(*units)))
+        results = [r for unit in done for r in unit["results"]]
+        sweeps = [s for unit in done for s in unit["sweeps"]]
+        official = sum(unit["official"] for unit in done)
+        for unit in done:
+            for name, seconds in unit["timings"].items():
+                timings[name] = timings.get(name, 0.0) + seconds
         labels = [report.row_label({"method": m, "model": model}) for m in chosen_methods
                   for model in METHODS[m].models()]
         table = report.summarize(results, labels, chosen)  # this run's results only
@@ -112,7 +108,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         plotted = report.bar_chart(table, chosen, run.table.with_suffix(".png"))
         (run.root / "protocol.json").write_text(json.dumps(
             {"methods": chosen_methods, "seeds": seed_list, "holdouts": chosen, "settings": settings,
-             "official_teacher_forwards": official, "teacher_image_forwards": ours}, indent=2))
+             "sweeps": sweeps, "official_teacher_forwards": official, "teacher_image_forwards": ours}, indent=2))
     say("run: stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     print(f"\nHeld-out domain accuracy (%), mean ± standard error over seeds {','.join(map(str, seed_list))}; "
           f"teacher {settings['teacher'].split('/')[-1]}, student {settings['student']}:\n")
@@ -120,3 +116,91 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
     say(f"run: table saved to {run.table}" + (f" and {run.table.with_suffix('.png')}" if plotted else "")
              + f"; every result in {run.results}")
     return text
+
+
+@dataclass
+class Grid:
+    """What every (held-out domain, seed) training of one `pipeline run` shares."""
+
+    settings: dict
+    methods: list
+    first_seed: int
+    n_sources: int
+    cutmix: float
+    pixel_cache: str
+    workers: int
+    force: bool
+
+
+def _one_device(devices, jobs: int) -> None:
+    """Pool worker start: one accelerator each (if any), and a fair share of the CPU threads."""
+    device = devices.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
+    """Align (once per held-out domain and seed), then train and evaluate every method."""
+    run, settings, force, workers = RunFolder(run_root), grid.settings, grid.force, grid.workers
+    timings, sweeps, results, official = {}, [], [], 0
+
+    def timed(name, fn):
+        started = time.time()
+        try:
+            return fn()
+        finally:
+            timings[name] = timings.get(name, 0.0) + time.time() - started
+
+    say(f"run: held-out domain '{holdout}', seed {seed}")
+    student = {"student": settings["student"], "student_weights": settings["student_weights"],
+               "student_size": settings["student_size"]}
+    train = {"steps": settings["steps"], "per_domain": settings["per_domain"],
+             "eval_every": settings["eval_every"], "workers": workers}
+    aligned = None  # this run's student, so other students in the run folder are never mixed in
+    if any(METHODS[m].needs_alignment for m in grid.methods):
+        aligned = timed("align", lambda: run_alignment(
+            run, **student, holdout=holdout, steps=settings["align_steps"], per_domain=settings["per_domain"],
+            lr=settings["align_lr"], seed=seed, eval_every=settings["eval_every"], workers=workers, force=force))
+    trained_key = aligned
+    for name in grid.methods:
+        method = METHODS[name]
+        if not method.seeded and seed != grid.first_seed:
+            continue  # no randomness: one evaluation serves every seed
+        preset_settings = config.method_settings(settings, name)
+        hparams = {**(method.demo if settings["demo"] else {}), **preset_settings.get("hparams", {})}
+        points = preset_settings.get("grid") or [{}]
+        selected = {"variant": None}
+        if method.trains:
+            on_cache = method.student == TEACHER  # a linear problem on the cache, like align
+            own = ({**student, "student": aligned} if method.needs_alignment else student) \
+                if method.student == BACKBONE else {}
+            candidates = []
+            for point in points:  # a preset's sweep: every point from the same cache
+                variant = variant_name(point) if len(points) > 1 else None
+                distill = Distill(run, name, holdout, **own, seed=seed, cutmix=0.0 if on_cache else grid.cutmix,
+                                  hparams={**hparams, **point}, anchors=preset_settings.get("anchors", "domains"),
+                                  variant=variant, pixel_cache=grid.pixel_cache,
+                                  **{**train, "steps": settings["align_steps"] if on_cache else settings["steps"]})
+                summary = timed("distill", lambda: stage.run(distill, force))
+                candidates.append({"variant": variant, "hparams": point,
+                                   "best_source_val_acc": summary["best_source_val_acc"]})
+                if method.student == BACKBONE:
+                    trained_key = distill.key
+            # selected by source validation alone (the first on ties; no test-set tie-break)
+            selected = max(candidates, key=lambda c: c["best_source_val_acc"])
+            if len(points) > 1:
+                sweeps.append({"method": name, "holdout": holdout, "seed": seed,
+                               "selected": selected["hparams"], "candidates": candidates})
+                say(f"run: {name} held-out '{holdout}' seed {seed}: selected {selected['hparams']} "
+                    f"of {len(points)} by source validation ({100 * selected['best_source_val_acc']:.1f}%)")
+        for model in method.models():
+            result = timed("evaluate", lambda: stage.run(Evaluate(
+                run, name, holdout, student=trained_key if method.student == BACKBONE else None,
+                seed=seed, model=model, workers=workers, variant=selected["variant"]), force, quiet=True))
+            results.append(result)
+            say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
+                f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
+        official += len(points) * method.official_teacher_forwards(
+            steps=settings["steps"], align_steps=settings["align_steps"], batch=settings["per_domain"] * grid.n_sources)
+    return {"results": results, "sweeps": sweeps, "official": official, "timings": timings}

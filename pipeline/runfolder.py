@@ -12,7 +12,6 @@ RUN/table.md                      the results table of `pipeline run`
 
 Every stage folder also holds its ``manifest.json`` (``cache/manifest.py``).
 """
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,6 @@ from cache import manifest, store
 from cache.errors import UserError
 from cache.index import read_table
 from data.domainbed import ImageIndex
-from stages.distributed import is_main
 
 
 class RunFolder:
@@ -57,11 +55,12 @@ class RunFolder:
     def align_dir(self, student: str, holdout: str) -> Path:
         return self.root / "align" / student / holdout
 
-    def distill_dir(self, method: str, student: str, holdout: str, seed: int) -> Path:
-        return self.root / "distill" / method / student / holdout / f"seed{seed}"
+    def distill_dir(self, method: str, student: str, holdout: str, seed: int, variant: str | None = None) -> Path:
+        """``variant`` names one point of a hyperparameter sweep (``seed0-<variant>``)."""
+        return self.root / "distill" / method / student / holdout / (f"seed{seed}" + (f"-{variant}" if variant else ""))
 
-    def evaluation_dir(self, label: str, student: str, holdout: str, seed: int) -> Path:
-        return self.root / "evaluate" / label / student / holdout / f"seed{seed}"
+    def evaluation_dir(self, label: str, student: str, holdout: str, seed: int, variant: str | None = None) -> Path:
+        return self.root / "evaluate" / label / student / holdout / (f"seed{seed}" + (f"-{variant}" if variant else ""))
 
     def output_hash(self, path) -> str | None:
         """Fingerprint of a finished stage's output file (None if missing or unrecorded). A later stage
@@ -111,36 +110,27 @@ class RunFolder:
                     f"run `pipeline align --run {self.root} --student NAME --holdout {holdout}` first",
             several=f"several aligned students for '{holdout}'")
 
-    def trained_student(self, method: str, holdout: str, student: str | None, seed: int) -> str:
-        """The student key of a finished ``method`` run for ``holdout`` and ``seed``."""
+    def trained_student(self, method: str, holdout: str, student: str | None, seed: int,
+                        variant: str | None = None) -> str:
+        """The student key of a finished ``method`` run for ``holdout`` and ``seed`` (and sweep ``variant``)."""
+        folder = self.distill_dir(method, "*", holdout, seed, variant).relative_to(self.root).as_posix()
         return self._pick_student(
-            self._finished_students(f"distill/{method}/*/{holdout}/seed{seed}/manifest.json", 2), student,
+            self._finished_students(f"{folder}/manifest.json", 2), student,
             missing=f"no trained {method} model for held-out '{holdout}', seed {seed} in {self.root}; run "
                     f"`pipeline distill --run {self.root} --method {method} --holdout {holdout}` first",
             several=f"several {method} students for '{holdout}'")
 
     @contextmanager
     def writing(self):
-        """Hold the run folder's lock: a second writer gets a clear refusal, not a mixed cache.
+        """Open the run folder for writing (created if missing), with a clear error if it cannot be.
 
-        Under torchrun the job's rank 0 holds it for all its ranks."""
-        if not is_main():
-            yield self
-            return
+        There is no lock on the whole folder: each stage locks its own folder while it writes
+        (``stages.stage.run``), so independent trainings and evaluations run side by side."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            handle = open(self.root / ".lock", "w")
+            probe = self.root / f".writable-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.root}: {e.strerror}")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise UserError(f"another pipeline process is writing {self.root}; wait for it or use another --run")
-        try:
-            handle.write(str(os.getpid()))
-            handle.flush()
-            yield self
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+        yield self

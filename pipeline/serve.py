@@ -11,7 +11,8 @@ model class, input checks and a few server settings. Endpoints (REST, JSON):
   ``{"name": "image", "datatype": "BYTES", "shape": [n], "data": [base64 PNG, ...]}`` (views
   already resized to the teacher's input size, 8-bit RGB; the server normalises them with the
   model's mean/std) or ``{"name": "text", "datatype": "BYTES", "shape": [n], "data": [str, ...]}``.
-  The reply has one output ``embedding`` FP32 ``[n, dim]``, L2-normalised.
+  The reply has one output ``embedding`` FP32 ``[n, dim]``: L2-normalised for images, the raw
+  embedding for texts (RISE averages raw prompt embeddings; clients normalise).
 
 Bad input (an oversized body, too many items, an undecodable image, a wrong size, datatype or
 shape) gets a 4xx with a message, never a crash.
@@ -144,7 +145,7 @@ def build_model(teacher, model_name: str):
                     if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
                         raise InvalidInput(f"text {i}: must be a string of at most {MAX_TEXT_CHARS} characters")
                 with forward:
-                    embeddings = teacher.encode_texts(texts)
+                    embeddings = teacher.encode_texts(texts, normalize=False)
             self.served[tensor.name] += len(data)
             out = InferOutput(name="embedding", shape=list(embeddings.shape), datatype="FP32")
             out.set_data_from_numpy(embeddings.numpy().astype(np.float32), binary_data=False)

@@ -21,7 +21,7 @@ from stages.methods import ALIGN_HPARAMS
 from stages.runtime import device, loader
 from stages import stage
 from stages.stage import Stage, require_positive, require_rates, save_outputs
-from stages.student import create_backbone, student_key
+from stages.student import create_backbone, resolved_weights, student_key
 
 
 class StudentFeatures(Stage):
@@ -32,7 +32,8 @@ class StudentFeatures(Stage):
         self.run, self.batch_size, self.workers = run, batch_size, workers
         self.key = student_key(student, student_weights, student_size)
         self.folder = run.features_dir(self.key)
-        self.config = {"student": student, "student_weights": student_weights, "student_size": student_size}
+        self.config = {"student": student, "student_weights": student_weights, "student_size": student_size,
+                       "resolved_weights": resolved_weights(student, student_weights)}
         self.inputs = run.teacher_cache_input()
         self.outputs = [student_features.FILE, "student.json"]
 
@@ -46,7 +47,8 @@ class StudentFeatures(Stage):
     @torch.inference_mode()
     def compute(self) -> dict:
         index = self.run.load_index()
-        backbone, spec = create_backbone(*self.config.values())
+        c = self.config
+        backbone, spec = create_backbone(c["student"], c["student_weights"], c["student_size"])
         view_params = store.read(self.run.teacher_cache, "view_params")
         n_views = view_params.shape[1]
         say(f"align: caching frozen {self.config['student']} features of {len(index.rows())} images x {n_views} views")
@@ -116,7 +118,7 @@ def run_alignment(run, *, student: str, student_weights: str, student_size, hold
 
 
 def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.Tensor,
-          labels: torch.Tensor, train_rows_by_domain: list, val_rows: np.ndarray, *,
+          labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
           steps: int, per_domain: int = 32, lr: float = 5e-5, weight_decay: float = 0.0,
           lam: float = 0.5, seed: int = 0, eval_every: int = 50) -> tuple[dict, list]:
     """Train ``Linear(student_dim, teacher_dim)`` with the VL2V loss on cached arrays.
@@ -128,7 +130,7 @@ def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.T
     flat_teacher = teacher_emb.flatten(0, 1).float()
     projection = torch.nn.Linear(features.shape[-1], teacher_emb.shape[-1])
     return fit_on_cache(
-        projection, features, train_rows_by_domain, val_rows,
+        projection, features, train_rows_by_domain, val_rows_by_domain,
         loss=lambda z, rows, items: vl2v_loss(z, flat_teacher[items], classifier[labels[rows]], lam),
         logits=lambda z: clip_logits(z, classifier), labels=labels, steps=steps, per_domain=per_domain,
         lr=lr, weight_decay=weight_decay, seed=seed, eval_every=eval_every, desc="align")

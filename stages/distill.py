@@ -4,7 +4,7 @@ No teacher in the loop: each step decodes the recorded views (in DataLoader work
 student forward and backward, and reads the teacher's embeddings of those exact views from
 memory. Every ``eval_every`` steps the source-validation accuracy and loss are measured; the
 model with the best accuracy is kept (DomainBed's training-domain validation) and, with SWAD,
-the dense weight average over the loss valley as well.
+the dense weight average over the loss valley as well (training stops where the valley ends).
 
 At every validation the whole training state is checkpointed (temp file, then rename); a run
 that was killed continues from there and ends with the same weights as an uninterrupted run.
@@ -30,30 +30,29 @@ from data.pixels import PixelBatches, normalise
 from data.views import InputSpec
 from data.sampling import BalancedViewSampler
 from stages import distributed, stage
-from stages.fit import require_finite
+from stages.fit import require_finite, source_val_accuracy
 from stages.pixels import FORMS as PIXEL_FORMS, StudentPixels
 from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage, require_positive, require_rates, save_outputs
-from stages.student import create_backbone, feature_dim, student_key
-from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
+from stages.student import create_backbone, feature_dim, resolved_weights, student_key
+from stages.swad import LossValley, RunningAverage, Segment, restarts_segment
 from stages.teacher import OpenClipTeacher
-
-BN_BATCHES = 20  # training batches that re-estimate BatchNorm statistics of SWAD weights
 
 
 class Distill(Stage):
     """Train one method for one held-out domain and seed; save its best (and SWAD) weights.
 
     ``teacher_online`` runs the teacher on every replayed view instead of reading the cache:
-    the official code's way, kept as the reference the cache is checked against.
+    the official code's way, kept as the reference the cache is checked against. ``variant``
+    names one point of a hyperparameter sweep (its own folder).
     """
 
     def __init__(self, run, method: str, holdout: str, *, student: str | None = None,
                  student_weights: str = "imagenet", student_size=None, steps: int, per_domain: int,
                  seed: int = 0, eval_every: int, workers: int = 0, hparams: dict | None = None,
                  cutmix: float = 0.0, swad: bool | None = None, anchors: str = "domains",
-                 teacher_online: bool = False, pixel_cache: str = "raw"):
+                 teacher_online: bool = False, variant: str | None = None, pixel_cache: str = "raw"):
         self.method = method_named(method)
         if pixel_cache not in PIXEL_FORMS:
             raise UserError(f"--pixel-cache must be one of {', '.join(PIXEL_FORMS)}, got '{pixel_cache}'")
@@ -81,7 +80,7 @@ class Distill(Stage):
                        "per_domain": per_domain, "seed": seed, "eval_every": eval_every, "hparams": self.hparams,
                        "cutmix": cutmix, "swad": self.swad, "anchors": anchors,
                        **({"teacher_online": True} if teacher_online else {})}
-        self.folder = run.distill_dir(self.method.name, self.key, holdout, seed)
+        self.folder = run.distill_dir(self.method.name, self.key, holdout, seed, variant)
 
     def describe(self) -> str:
         return f"distill {self.method.name} for held-out '{self.holdout}' ({self.key}, seed {self.seed})"
@@ -106,12 +105,17 @@ class Distill(Stage):
             model, spec = build_student(self.method, self.student, cache, text, teacher_weights=True)
             if self.method.needs_alignment:
                 model.projection.load_state_dict(load_file(self.projection))
-            trainer = self.method(model, text, c["steps"], **self.hparams)
+            # Frozen BatchNorm keeps pre-trained statistics; a random-init student has none to keep
+            random_init = self.student.get("student_weights") == "none"
+            trainer = self.method(model, text, c["steps"], freeze_batchnorm=False if random_init else None,
+                                  **self.hparams)
             online = OnlineTargets(cached_teacher(cache)) if self.teacher_online else None
             pixel_spec = None
             if self.pixel_cache != "none" and online is None:  # the exact same pixels, rendered once
                 pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
-                stage.run(pixels, quiet=True)
+                if distributed.is_main():  # under torchrun rank 0 renders; the others read once it is done
+                    stage.run(pixels, quiet=True)
+                distributed.barrier()
                 dataset, pixel_spec = pixels.dataset(), spec
             else:
                 dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
@@ -155,7 +159,8 @@ def resolve_student(run, method, holdout: str, student: str | None, student_weig
         key = run.aligned_student(holdout, student if method.needs_alignment else None)
         return key, json.loads((run.features_dir(key) / "student.json").read_text())
     return student_key(student, student_weights, student_size), {
-        "student": student, "student_weights": student_weights, "student_size": student_size}
+        "student": student, "student_weights": student_weights, "student_size": student_size,
+        "resolved_weights": resolved_weights(student, student_weights)}
 
 
 def cached_teacher(cache: TeacherCache, weights: bool = True) -> OpenClipTeacher:
@@ -204,7 +209,7 @@ class OnlineTargets:
 
 
 def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
-            val_rows: np.ndarray, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
+            val_rows_by_domain: list, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
             workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
             swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
             online: OnlineTargets | None = None, rank: int = 0, world: int = 1,
@@ -247,7 +252,7 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
         best, log, first_step = tuple(saved["best"]), saved["log"], saved["step"]
         if swad:
             valley.load_state_dict(saved["valley"])
-            segment_start = first_step + 1
+            segment, segment_start = RunningAverage.from_state_dict(saved["segment"]), saved["segment_start"]
 
     def checkpoint(step: int) -> None:
         if resume_path is None or rank != 0:
@@ -256,7 +261,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                  "optimizer": method.optimizer.state_dict(),
                  "scheduler": method.scheduler.state_dict() if method.scheduler is not None else None,
                  "cutmix_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                 "best": list(best), "log": log, "valley": valley.state_dict() if swad else None}
+                 "best": list(best), "log": log, "valley": valley.state_dict() if swad else None,
+                 "segment": segment.state_dict() if swad else None, "segment_start": segment_start}
         tmp = Path(str(resume_path) + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, resume_path)
@@ -275,13 +281,18 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                      targets.to(run_device, non_blocking=True))
 
     def validate() -> tuple[float, float]:
-        correct, total_loss = 0, 0.0
-        for items, *pixels in loader(dataset, np.asarray(val_rows) * dataset.n_views, 128, 0):
-            batch = make_batch(items, *pixels)
-            logits, loss = method.score(batch)
-            correct += int((logits.argmax(-1) == batch.labels).sum())
-            total_loss += loss * len(items)
-        return correct / max(len(val_rows), 1), total_loss / max(len(val_rows), 1)
+        """Source-validation accuracy and loss: each the mean over the source domains."""
+        correct, domain_losses = [], []
+        for rows in val_rows_by_domain:
+            hits, total_loss = [], 0.0
+            for items, *pixels in loader(dataset, np.asarray(rows) * dataset.n_views, 128, 0):
+                batch = make_batch(items, *pixels)
+                logits, loss = method.score(batch)
+                hits.append((logits.argmax(-1) == batch.labels).cpu().numpy())
+                total_loss += loss * len(items)
+            correct.append(np.concatenate(hits))
+            domain_losses.append(total_loss / len(rows))
+        return source_val_accuracy(correct), float(np.mean(domain_losses))
 
     sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step,
                                   rank=rank, world=world)
@@ -315,8 +326,12 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
                 if acc > best[0]:
                     best = (acc, copy.deepcopy(model.state_dict()), step)
                 if swad:
-                    valley.update(Segment(segment.state, val_loss, segment_start, step))
-                    segment, segment_start = RunningAverage(), step + 1
+                    frozen = {k: v.clone() for k, v in segment.state.items()}  # the segment may keep growing
+                    valley.update(Segment(frozen, val_loss, segment_start, step))
+                    if valley.dead_valley:
+                        break  # the official trainer stops when the loss valley ends
+                    if restarts_segment(step):
+                        segment, segment_start = RunningAverage(), step + 1
                 checkpoint(step)
                 if stop.requested:
                     raise Interrupted(f"distill: interrupted at step {step} of {steps}; the state is saved, "
@@ -325,17 +340,14 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
     states = {"best": best[1]}
     summary = {"best_step": best[2], "best_source_val_acc": best[0],
                "teacher_image_forwards": online.forwards if online is not None else 0,
-               "train_seconds_per_step": round(train_seconds / max(steps - first_step, 1), 5)}
+               "train_seconds_per_step": round(train_seconds / max(log[-1]["step"] - first_step, 1), 5)}
     if swad:
+        # No BatchNorm re-estimation, as the official code with frozen BatchNorm
         model.load_state_dict(valley.final_state())
-        bn_sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed + 1,
-                                         min(BN_BATCHES, steps))
-        bn_batches = torch.utils.data.DataLoader(dataset, batch_sampler=bn_sampler, num_workers=workers)
-        update_batchnorm(model, (to_device(pixels[0]) for _, *pixels in bn_batches))
         states["swad"] = copy.deepcopy(model.state_dict())
         acc, val_loss = validate()
         summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,
-                       swad_source_val_acc=acc)
+                       swad_source_val_acc=acc, swad_stopped_at=log[-1]["step"] if valley.dead_valley else None)
     return states, log + [summary]
 
 

@@ -20,12 +20,13 @@ from data.images import ReplayImages
 from stages.distill import anchor_names, build_student
 from stages.methods import BACKBONE, TEACHER, method_named
 from stages.runtime import device, loader
+from stages.student import resolved_weights
 from stages.stage import Stage
 
 
 class Evaluate(Stage):
     def __init__(self, run, method: str, holdout: str, *, student: str | None = None, seed: int = 0,
-                 model: str = "best", workers: int = 0):
+                 model: str = "best", workers: int = 0, variant: str | None = None):
         self.method = method_named(method)
         if model not in self.method.models(swad=True):
             raise UserError(f"--model must be one of {', '.join(self.method.models(swad=True))} for {method}, "
@@ -39,15 +40,15 @@ class Evaluate(Stage):
             self.key, self.model = TEACHER, "cache"
         else:
             self.key = self.method.student if self.method.student != BACKBONE else \
-                run.trained_student(self.method.name, holdout, student, seed)
-            self.weights = run.distill_dir(self.method.name, self.key, holdout, seed) / f"{model}.safetensors"
+                run.trained_student(self.method.name, holdout, student, seed, variant)
+            self.weights = run.distill_dir(self.method.name, self.key, holdout, seed, variant) / f"{model}.safetensors"
             digest = run.output_hash(self.weights)
             if digest is None:
                 raise UserError(f"no trained {method} model ({model}) for held-out '{holdout}', seed {seed}; run "
                                 f"`pipeline distill --run {run.root} --method {method} --holdout {holdout}` first")
             self.inputs[run.rel(self.weights)] = digest
         self.label = self.method.name + ("+swad" if model == "swad" else "")
-        self.folder = run.evaluation_dir(self.label, self.key, holdout, seed)
+        self.folder = run.evaluation_dir(self.label, self.key, holdout, seed, variant)
         self.config, self.outputs = {}, ["metrics.json"]
 
     def describe(self) -> str:
@@ -55,19 +56,25 @@ class Evaluate(Stage):
 
     def compute(self) -> dict:
         cache, index = TeacherCache(self.run.teacher_cache), self.index
+        weights_loaded = None  # the student's starting weights, as loaded (e.g. a timm tag)
+        hparams = None         # the hyperparameters it was trained with, as given (defaults omitted)
         if self.method.student == TEACHER:
             weights = load_file(self.weights) if self.weights else None
             metrics = evaluate_cached(self.method.logits_of(weights, cache), cache, index, self.holdout)
         else:
             trained = json.loads((self.weights.parent / "config.json").read_text())
+            hparams = trained["hparams"]
             text = cache.text(anchor_names(cache, trained["sources"], trained["anchors"]))
             net, spec = build_student(self.method, trained["student"], cache, text, teacher_weights=False)
+            if self.method.student == BACKBONE:
+                weights_loaded = resolved_weights(trained["student"]["student"], trained["student"]["student_weights"])
             net.load_state_dict(load_file(self.weights))
             predictor = self.method(net.to(device()), text, 1)
             dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
             metrics = evaluate_student(predictor.predict, dataset, index, self.holdout, self.workers)
         attrs = store.read_attrs(self.run.teacher_cache)
-        result = {"method": self.method.name, "model": self.model, "student": self.key, "teacher": attrs["teacher"],
+        result = {"method": self.method.name, "model": self.model, "student": self.key,
+                  "student_weights": weights_loaded, "hparams": hparams, "teacher": attrs["teacher"],
                   "pretrained": attrs["pretrained"], "holdout": self.holdout, "seed": self.seed, **metrics,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (self.folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
@@ -100,7 +107,8 @@ def summarize(accuracies: dict, splits: dict, holdout: str, counts: dict) -> dic
     sources = [d for d in accuracies if d != holdout]
     if not sources:
         raise UserError("the source domains have no usable validation images to score")
-    source_val = float(np.average([accuracies[d] for d in sources], weights=[counts[d] for d in sources]))
+    # DomainBed's training-domain validation: each source domain weighs the same
+    source_val = float(np.mean([accuracies[d] for d in sources]))
     return {"holdout_acc": accuracies[holdout], "source_val_acc": source_val,
             "accuracy": accuracies, "split": splits, "images": counts}
 

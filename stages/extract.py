@@ -22,10 +22,11 @@ from data import domainbed
 from data.images import ExtractionImages
 from data.views import PARAM_NAMES, Augment
 from stages import distributed, remote_teacher
-from stages.prompts import GENERIC_ANCHORS, TEMPLATE_SETS, anchor_prompts, class_prompt_name, templates_named
+from stages.prompts import (GENERIC_ANCHORS, RISE_ANCHOR_TEMPLATE, RISE_TEMPLATES, anchor_prompts,
+                            class_prompt_name, templates_named)
 from stages.runtime import device
 from stages.stage import Stage
-from stages.teacher import OpenClipTeacher, checkpoint_fingerprint, text_classifier
+from stages.teacher import OpenClipTeacher, checkpoint_fingerprint, rise_ensemble, text_classifier
 
 VIEWS = 8  # views per image by default (view 0 is the eval view)
 
@@ -42,6 +43,8 @@ class Extract(Stage):
             if remote_teacher.is_remote(teacher) else None
         if self.remote:
             teacher, pretrained = self.remote.url, None  # recorded without credentials
+        if teacher.startswith("local-dir:"):
+            pretrained = None  # the folder holds the weights; a release tag would mean nothing
         self.run, self.folder, self.data_root = run, run.extract_dir, data_root
         self.teacher_name, self.pretrained, self.template_set = teacher, pretrained, template_set
         self.templates = templates_named(template_set)
@@ -63,6 +66,7 @@ class Extract(Stage):
     def wanted_attrs(self) -> dict:
         index = self.index
         return {**self.teacher.identity, "template_set": self.template_set, "templates": list(self.templates),
+                "rise_templates": list(RISE_TEMPLATES) + [RISE_ANCHOR_TEMPLATE],
                 "views": self.n_views, "view_seed": self.view_seed, "augment": self.augment.to_dict(),
                 "dataset_fingerprint": index.fingerprint, "classes": index.classes, "domains": index.domains,
                 "images": len(index), "param_names": list(PARAM_NAMES),
@@ -131,8 +135,10 @@ class Extract(Stage):
     def compute(self) -> dict | None:
         rank, world = distributed.world()
         index, store_path = self.index, self.run.teacher_cache
-        if self.force and distributed.is_main():
-            shutil.rmtree(self.folder)
+        if self.force and distributed.is_main():  # everything but the lock this process holds
+            for old in self.folder.iterdir():
+                if old.name != ".lock":
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
         distributed.barrier()
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.remote:
@@ -184,10 +190,10 @@ class Extract(Stage):
     def _texts(self) -> dict:
         teacher, classes = self.teacher, self.index.classes
         texts = {"text_emb": encode_class_texts(teacher, classes, self.templates),
-                 "rise_text_emb": encode_class_texts(teacher, classes, TEMPLATE_SETS["rise7"]),
+                 "rise_text_emb": encode_class_texts(teacher, classes, RISE_TEMPLATES, rise=True),
                  "anchor_emb": encode_anchors(teacher, classes, self.index.domains + list(GENERIC_ANCHORS))}
         texts["classifier"] = text_classifier(texts["text_emb"])
-        texts["rise_classifier"] = text_classifier(texts["rise_text_emb"])
+        texts["rise_classifier"] = rise_ensemble(texts["rise_text_emb"])
         return texts
 
     def _fill(self, store_path: Path, rows: range, stop: StopFlag) -> dict:
@@ -257,18 +263,21 @@ def _encode_views(teacher, pixels: torch.Tensor, errors: list) -> torch.Tensor:
     return out
 
 
-def encode_prompts(teacher, prompts: list) -> torch.Tensor:
-    return torch.cat([teacher.encode_texts(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+
+def encode_prompts(teacher, prompts: list, normalize: bool = True) -> torch.Tensor:
+    return torch.cat([teacher.encode_texts(prompts[i:i + 256], normalize=normalize)
+                      for i in range(0, len(prompts), 256)])
 
 
-def encode_class_texts(teacher, classes: list, templates: tuple) -> torch.Tensor:
-    """[classes, templates, dim] normalised text embeddings."""
-    prompts = [t.format(class_prompt_name(c)) for c in classes for t in templates]
-    return encode_prompts(teacher, prompts).reshape(len(classes), len(templates), -1)
+def encode_class_texts(teacher, classes: list, templates: tuple, rise: bool = False) -> torch.Tensor:
+    """[classes, templates, dim] text embeddings: VL2V's (class names with spaces, normalised), or
+    with ``rise`` RISE's (folder names as they are, raw embeddings, as its ensemble averages them)."""
+    prompts = [t.format(c if rise else class_prompt_name(c)) for c in classes for t in templates]
+    return encode_prompts(teacher, prompts, normalize=not rise).reshape(len(classes), len(templates), -1)
 
 
 def encode_anchors(teacher, classes: list, anchor_names: list) -> torch.Tensor:
-    """[classes, anchors, dim] embeddings of "a {anchor} of a {class}."."""
+    """[classes, anchors, dim] normalised embeddings of RISE's "a {anchor} of a {class}"."""
     per_anchor = [encode_prompts(teacher, anchor_prompts(a, classes)) for a in anchor_names]
     return torch.stack(per_anchor, dim=1)
 

@@ -2,6 +2,7 @@
 import copy
 import math
 
+import numpy as np
 import torch
 
 from cache.errors import UserError
@@ -9,21 +10,27 @@ from cache.progress import progress
 from data.sampling import BalancedViewSampler
 
 
-def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_domain: list, val_rows, *,
+def source_val_accuracy(correct_by_domain: list) -> float:
+    """Model selection as DomainBed/VL2V: the mean of the per-source-domain validation accuracies
+    (each domain weighs the same, whatever its size). ``correct_by_domain``: boolean arrays."""
+    return float(np.mean([np.mean(correct) for correct in correct_by_domain]))
+
+
+def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_domain: list,
+                 val_rows_by_domain: list, *,
                  loss, logits, labels: torch.Tensor, steps: int, per_domain: int, lr: float,
                  weight_decay: float, seed: int, eval_every: int, desc: str) -> tuple[dict, list]:
     """Train ``module`` with Adam; keep the state with the best source-validation accuracy.
 
     ``features`` is [N, K, d]; each step draws balanced (image, view) items, calls
     ``loss(module(features[items]), rows, items)``; validation scores ``logits(module(x))`` on the
-    eval view (view 0) of ``val_rows``. Returns the best state dict and the log.
+    eval view (view 0) of each domain's ``val_rows_by_domain``. Returns the best state dict and the log.
     """
     n_views = features.shape[1]
     flat = features.flatten(0, 1).float()
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
     sampler = BalancedViewSampler(train_rows_by_domain, per_domain, n_views, seed, steps)
-    val_rows = torch.as_tensor(val_rows)
-    val_inputs, val_labels = features[val_rows, 0].float(), labels[val_rows]
+    val_rows = [torch.as_tensor(rows) for rows in val_rows_by_domain]
     best, log = (-1.0, None, 0), []
     for step, items in enumerate(progress(iterable=sampler, desc=desc, unit="step"), start=1):
         items = torch.as_tensor(items)
@@ -34,7 +41,8 @@ def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_
         optimizer.step()
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
-                acc = float((logits(module(val_inputs)).argmax(-1) == val_labels).float().mean())
+                predicted = [logits(module(features[rows, 0].float())).argmax(-1) for rows in val_rows]
+                acc = source_val_accuracy([(p == labels[rows]).numpy() for p, rows in zip(predicted, val_rows)])
             log.append({"step": step, "loss": round(batch_loss.item(), 5), "source_val_acc": acc})
             if acc > best[0]:
                 best = (acc, copy.deepcopy(module.state_dict()), step)

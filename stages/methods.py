@@ -108,6 +108,9 @@ class Method:
     in_default_run = True    # part of `pipeline run` without --methods
     trains = seeded = True   # has a distill stage; its result depends on the seed
     optimizer_kind = "adam"
+    # As the official VL2V trainer (its hparams freeze_bn): BatchNorm layers stay in eval mode while
+    # training, so running statistics keep their pre-trained values; their affine weights still train.
+    freeze_batchnorm = True
     hparams = {"lr": 5e-5, "weight_decay": 0.0}
     demo = {}                # the built-in demo's overrides of ``hparams``
 
@@ -122,8 +125,11 @@ class Method:
         one per training image per step of every stage that distils."""
         return steps * batch
 
-    def __init__(self, model: nn.Module, text: TextTargets, steps: int, **hparams):
+    def __init__(self, model: nn.Module, text: TextTargets, steps: int, freeze_batchnorm: bool | None = None,
+                 **hparams):
         self.model, self.text, self.steps = model, text, steps
+        if freeze_batchnorm is not None:  # e.g. off for a random-init student: no statistics to keep
+            self.freeze_batchnorm = freeze_batchnorm
         self.hp = {**self.hparams, **{k: v for k, v in hparams.items() if v is not None and k in self.hparams}}
         params = [p for p in self.trainable() if p.requires_grad]
         if self.optimizer_kind == "sgd":
@@ -153,6 +159,10 @@ class Method:
 
     def update(self, batch: Batch) -> dict:
         self.model.train()
+        if self.freeze_batchnorm:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         loss = self.loss(self._forward(batch.images), batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,10 +173,11 @@ class Method:
 
     @torch.no_grad()
     def score(self, batch: Batch) -> tuple:
-        """(logits, loss) without updating: for validation and the SWAD loss valley."""
+        """(logits, mean cross-entropy of the logits) without updating: the validation accuracy and
+        the loss the official SWAD loss valley reads (whatever loss the method trains with)."""
         self.model.eval()
-        outputs = self._forward(batch.images)
-        return self.logits(outputs), self.loss(outputs, batch).item()
+        logits = self.logits(self._forward(batch.images))
+        return logits, F.cross_entropy(logits.float(), batch.labels).item()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -262,11 +273,12 @@ class RISE(Method):
     ``100 * cos(v, e_c)`` over the 7-template class ensemble, T = 3; SGD with step decay."""
 
     name, optimizer_kind = "rise", "sgd"
+    freeze_batchnorm = False  # RISE's trainer puts the whole student in train mode every epoch
     hparams = {"lr": 1e-3, "weight_decay": 5e-4, "temperature": 3.0, "w_kd": 0.9, "w_ce": 0.1, "w_dist": 1.0}
     demo = {"lr": DEMO_LR}  # source val 91.7% (3e-4) vs 91.1% (1e-3)
 
-    def __init__(self, model, text, steps, **hparams):
-        super().__init__(model, text, steps, **hparams)
+    def __init__(self, model, text, steps, freeze_batchnorm=None, **hparams):
+        super().__init__(model, text, steps, freeze_batchnorm, **hparams)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=max(1, int(0.8 * steps)), gamma=0.1)
 
     @staticmethod
@@ -332,14 +344,14 @@ class Probe(CacheMethod):
     hparams = {"lr": 1e-3}
 
     @classmethod
-    def fit(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows, *,
+    def fit(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
             steps: int, per_domain: int, seed: int, eval_every: int, **hparams):
         """Fit ``Linear(D, C)`` on the training views; the best on source validation."""
         hp = {**cls.hparams, **{k: v for k, v in hparams.items() if v is not None and k in cls.hparams}}
         torch.manual_seed(seed)
         features = F.normalize(image_emb.float(), dim=-1)
         head = torch.nn.Linear(features.shape[-1], int(labels.max()) + 1)
-        return fit_on_cache(head, features, train_rows_by_domain, val_rows,
+        return fit_on_cache(head, features, train_rows_by_domain, val_rows_by_domain,
                             loss=lambda out, rows, items: F.cross_entropy(out, labels[rows]),
                             logits=lambda out: out, labels=labels, steps=steps, per_domain=per_domain,
                             lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name)

@@ -146,8 +146,10 @@ class RemoteTeacher:
         items = [base64.b64encode(_png(a)).decode("ascii") for a in arrays]
         return self._encode("image", items)
 
-    def encode_texts(self, texts: list) -> torch.Tensor:
-        return self._encode("text", list(texts))
+    def encode_texts(self, texts: list, normalize: bool = True) -> torch.Tensor:
+        """[n, dim] text embeddings; the service sends them raw, as the model gives them."""
+        raw = self._encode("text", list(texts))
+        return torch.nn.functional.normalize(raw, dim=-1) if normalize else raw
 
     # ---- queries -----------------------------------------------------------------------------
 

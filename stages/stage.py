@@ -7,8 +7,10 @@ outputs, the dataset, the teacher's weights), ``outputs`` (files it writes in it
 fresh, otherwise check, forget the old record, compute, and write the new manifest (the shape of
 a DVC stage).
 """
+import fcntl
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from cache import manifest
 from cache.errors import UserError
 from cache.progress import say
+from stages.distributed import is_main
 
 
 class Stage:
@@ -46,15 +49,44 @@ class Stage:
         return manifest.why_stale(self.folder, self.config, self.inputs)
 
 
+@contextmanager
+def holding(folder: Path):
+    """The stage folder's lock: one writer per output. Another process that wants to write the
+    same folder waits for it (then usually finds the stage fresh); other stages of the same run
+    folder go on side by side. Under torchrun the job's rank 0 holds it for all its ranks."""
+    if not is_main():
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another pipeline process writing {folder}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _skip(stage: Stage, quiet: bool) -> dict:
+    if not quiet:
+        say(f"{stage.describe()}: up to date; --force recomputes")
+    summary = manifest.load(stage.folder)["summary"]
+    stage.reconcile(summary)
+    return summary
+
+
 def run(stage: Stage, force: bool = False, quiet: bool = False) -> dict | None:
     """Run ``stage`` unless it is fresh; returns its summary (the recorded one when skipped)."""
     stage.force = force
     if not force and stage.why_stale() is None:
-        if not quiet:
-            say(f"{stage.describe()}: up to date; --force recomputes")
-        summary = manifest.load(stage.folder)["summary"]
-        stage.reconcile(summary)
-        return summary
+        return _skip(stage, quiet)
+    with holding(stage.folder):
+        if not force and stage.why_stale() is None:  # another process finished it while we waited
+            return _skip(stage, quiet)
+        return _recompute(stage)
+
+
+def _recompute(stage: Stage) -> dict | None:
     stage.check()
     Path(stage.folder).mkdir(parents=True, exist_ok=True)
     previous = manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh

@@ -1,14 +1,25 @@
 """SWAD: dense stochastic weight averaging over the loss valley (Cha et al., NeurIPS 2021).
 
-The weights are averaged over every step of a segment (the steps between two validations);
-the loss-valley rule then picks which segments enter the final average, from the source
-validation loss: averaging starts when the loss stops falling (the first of ``n_converge``
-segments is their minimum) and ends when the loss rises above ``(1 + tolerance_ratio)`` times
-the converged level for ``n_tolerance`` segments. A port of the official ``LossValley``.
+The weights are averaged over every step of a segment; at each validation the segment's
+average and the source-validation cross-entropy are fed to the loss-valley rule, which picks the
+segments of the final average: averaging starts when the loss stops falling (the first of
+``n_converge`` segments is their minimum) and the valley ends, and training stops, when the
+loss of the last ``n_tolerance`` segments stays above ``(1 + tolerance_ratio)`` times the
+converged level. A port of the official ``LossValley``, quirks included.
+
+Segments follow the official VL2V default (its ``swad_fix``): a segment is not restarted at every
+validation but keeps averaging from the start of training, and is restarted only at the
+validations of steps 3000, 4000, ... (``restarts_segment``).
 """
 from collections import deque
 
-import torch
+
+SEGMENT_RESTART_AFTER, SEGMENT_RESTART_EVERY = 2500, 1000
+
+
+def restarts_segment(step: int) -> bool:
+    """Whether the segment restarts after the validation at ``step`` (official ``swad_fix``)."""
+    return step > SEGMENT_RESTART_AFTER and step % SEGMENT_RESTART_EVERY == 0
 
 
 class RunningAverage:
@@ -112,10 +123,7 @@ class LossValley:
             self.converge_step = self.converge_q[0].end_step
             self.final = RunningAverage(start=self.converge_q[0].state)
             self.segments_used = [(self.converge_q[0].start_step, self.converge_q[0].end_step)]
-            base = sum(losses) / len(losses)
-            # the official rule is base * 1.3 for positive losses; abs() keeps the tolerance
-            # above the converged level for VL2V's negative (-cosine) losses too
-            self.threshold = base + abs(base) * self.tolerance_ratio
+            self.threshold = sum(losses) / len(losses) * (1 + self.tolerance_ratio)  # a cross-entropy: > 0
             if self.n_tolerance < self.n_converge:
                 for s in list(self.converge_q)[1:1 + self.n_converge - self.n_tolerance]:
                     self._add(s)
@@ -146,19 +154,3 @@ class LossValley:
                 self._add(self.smooth_q.popleft())
         return self.final.state
 
-
-@torch.no_grad()
-def update_batchnorm(model: torch.nn.Module, batches) -> None:
-    """Recompute BatchNorm running statistics of averaged weights on training batches."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = {m: m.momentum for m in norms}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the given batches
-    model.train()
-    for images in batches:
-        model(images)
-    for m in norms:
-        m.momentum = momenta[m]

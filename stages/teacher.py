@@ -28,9 +28,14 @@ class OpenClipTeacher:
         logging.disable(logging.WARNING)  # open_clip logs through the root logger; we report ourselves
         try:
             model, _, _ = open_clip.create_model_and_transforms(name, pretrained=self.pretrained)
-        except (RuntimeError, ValueError, FileNotFoundError, KeyError, OSError) as e:
-            hint = (f"'{name}' is not an open_clip model (see open_clip.list_models())"
-                    if "not found" in str(e) and "Model config" in str(e) else str(e).splitlines()[0])
+        except Exception as e:  # open_clip and torch.load raise many types for unusable input
+            if "not found" in str(e) and "Model config" in str(e):
+                hint = f"'{name}' is not an open_clip model (see open_clip.list_models())"
+            elif self.pretrained and os.path.isfile(self.pretrained):
+                hint = (f"{self.pretrained} is not a checkpoint for this model (a state dict saved with "
+                        f"torch.save, or safetensors, with matching keys): {type(e).__name__}")
+            else:
+                hint = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot load teacher {name} (pretrained={self.pretrained}): {hint}")
         finally:
             logging.disable(logging.NOTSET)
@@ -65,9 +70,11 @@ class OpenClipTeacher:
             return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
 
     @torch.inference_mode()
-    def encode_texts(self, texts: list) -> torch.Tensor:
+    def encode_texts(self, texts: list, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings, L2-normalised unless ``normalize`` is False (RISE averages raw ones)."""
         tokens = self.tokenizer(texts).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+        embeddings = self.model.encode_text(tokens).float()
+        return (F.normalize(embeddings, dim=-1) if normalize else embeddings).cpu()
 
 
 def checkpoint_fingerprint(name: str, pretrained: str | None) -> str:
@@ -87,3 +94,11 @@ def text_classifier(per_template: torch.Tensor) -> torch.Tensor:
     As the official VL2V code: average the normalised template embeddings, re-normalise.
     """
     return F.normalize(per_template.float().mean(dim=1), dim=-1)
+
+
+def rise_ensemble(raw_per_template: torch.Tensor) -> torch.Tensor:
+    """[classes, templates, dim] raw (unnormalised) embeddings -> [classes, dim] class ensemble.
+
+    As the official RISE code: average the raw template embeddings, then normalise.
+    """
+    return F.normalize(raw_per_template.float().mean(dim=1), dim=-1)

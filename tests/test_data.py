@@ -20,7 +20,7 @@ import data
 from cache import store
 from cache.index import read_table, write_table
 from data import demo
-from data.domainbed import TRAIN, VAL, ImageIndex, scan, split_by_hash
+from data.domainbed import TRAIN, VAL, ImageIndex, scan
 from data.images import BadImage, ExtractionImages, ReplayImages, load_image
 from data.sampling import BalancedViewSampler
 from data.views import N_PARAMS, PARAM_NAMES, Augment, InputSpec, eval_view, render, sample_views
@@ -181,23 +181,29 @@ def test_extraction_bad_image_gives_zeros_and_reason(tmp_path):
 
 # ------------------------------------------------------------------------- view sampling
 
-def test_view0_is_centred_square_eval_crop_with_identity_colour():
-    for (w, h), box in {(120, 80): (20, 0, 80, 80), (81, 100): (0, 9, 81, 81),
-                        (64, 64): (0, 0, 64, 64), (7, 2): (2, 0, 2, 2)}.items():
+def test_view0_is_the_whole_image_with_identity_colour():
+    for w, h in [(120, 80), (81, 100), (64, 64), (7, 2)]:
         params = sample_views("d/c/img.png", w, h, 5, seed=3)
         assert params.shape == (5, N_PARAMS) and params.dtype == np.float32
         v0 = params[0]
-        assert tuple(v0[:4]) == box
+        assert tuple(v0[:4]) == (0, 0, w, h)
         assert v0[P["flip"]] == 0 and v0[P["grayscale"]] == 0
         assert (v0[P["brightness"]], v0[P["contrast"]], v0[P["saturation"]], v0[P["hue"]]) == (1, 1, 1, 0)
         assert tuple(v0[P["order0"]:P["order3"] + 1]) == (0, 1, 2, 3)
         np.testing.assert_array_equal(v0, eval_view(w, h))
 
 
-def test_eval_view_renders_exact_centre_crop():
+def test_eval_view_squashes_a_non_square_image_without_cropping():
+    # The official eval transform is Resize((S, S)): the whole 90x60 image squashed to S x S.
     image = noise_image(90, 60, 11)
-    view = render(image, eval_view(90, 60))
-    assert np.array_equal(np.asarray(view), np.asarray(image)[:, 15:75])
+    spec = InputSpec(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    expected = np.asarray(image.resize((16, 16), Image.BILINEAR), np.float32).transpose(2, 0, 1) / 255.0
+    assert np.array_equal(np.asarray(render(image, eval_view(90, 60))), np.asarray(image))
+    np.testing.assert_allclose(spec(render(image, eval_view(90, 60))).numpy(), expected, atol=1e-6)
+
+
+def test_eval_view_is_part_of_the_cache_identity():
+    assert Augment().to_dict()["eval_view"] == "full-image"
 
 
 def test_views_reproducible_and_seed_dependent():
@@ -381,14 +387,14 @@ def test_split_counts_per_domain(tmp_path):
     root = tmp_path / "ds"
     make_tree(root, LAYOUT)
     index = scan(root)
-    expected_val = {"clipart": 4, "photo": 2, "sketch": 2}   # round(0.2 * 20, 11, 8)
+    expected_val = {"clipart": 4, "photo": 2, "sketch": 1}   # int(0.2 * 20, 11, 8), as DomainBed
     for d, domain in enumerate(index.domains):
         in_domain = index.domain == d
         assert (index.split[in_domain] == VAL).sum() == expected_val[domain]
         assert (index.split[in_domain] == TRAIN).sum() == in_domain.sum() - expected_val[domain]
     assert set(index.split) == {TRAIN, VAL}
     half = scan(root, val_fraction=0.5)
-    assert [(half.split[half.domain == d] == VAL).sum() for d in range(3)] == [10, 6, 4]
+    assert [(half.split[half.domain == d] == VAL).sum() for d in range(3)] == [10, 5, 4]
     none = scan(root, val_fraction=0.0)
     assert set(none.split) == {TRAIN}
     assert index.rows(split=VAL).tolist() == np.flatnonzero(index.split == VAL).tolist()
@@ -410,7 +416,7 @@ def test_split_stable_across_scans_and_independent_of_other_domains(tmp_path):
         if not path.startswith("photo/"):
             assert before[path] == split, path
     photo = after.domain == after.domains.index("photo")
-    assert (after.split[photo] == VAL).sum() == round(0.2 * 13)
+    assert (after.split[photo] == VAL).sum() == int(0.2 * 13)
 
 
 def test_split_depends_on_seed_not_on_listing_order(tmp_path):
@@ -423,9 +429,41 @@ def test_split_depends_on_seed_not_on_listing_order(tmp_path):
         assert (index.split[index.domain == d] == VAL).sum() == (other.split[other.domain == d] == VAL).sum()
     assert np.array_equal(scan(root, split_seed=1).split, other.split)
 
-    order = np.random.default_rng(0).permutation(len(index))
-    shuffled = split_by_hash([index.paths[i] for i in order], index.domain[order], 0.2, 0)
-    assert np.array_equal(shuffled, index.split[order])
+
+
+def test_split_is_domainbed_split_dataset_over_imagefolder_order(tmp_path):
+    # DomainBed's algorithm written out (misc.seed_hash, split_dataset, torchvision ImageFolder):
+    # per env (sorted), samples in ImageFolder order; keys shuffled by RandomState(seed_hash(0, env_i));
+    # the first int(0.2 n) are the out (validation) split.
+    import hashlib
+    import os
+    root = tmp_path / "ds"
+    for rel in ["b_env/TV/x.png", "b_env/Table/a.png", "b_env/TV/sub/z.png", "b_env/TV/a.jpg", "b_env/TV/sub.png",
+                "a_env/cat/1.png", "a_env/cat/10.png", "a_env/cat/2.png", "a_env/dog/a/b.png", "a_env/dog/a.png",
+                *[f"a_env/dog/k{i}.png" for i in range(7)], *[f"b_env/Table/t{i}.png" for i in range(6)]]:
+        save(root, rel, tiny(len(rel)))
+
+    def seed_hash(*args):
+        return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2 ** 31)
+
+    expected_val = set()
+    for env_i, env in enumerate(sorted(e.name for e in os.scandir(root) if e.is_dir())):
+        samples = []
+        for c in sorted(e.name for e in os.scandir(root / env) if e.is_dir()):
+            for r, _, fnames in sorted(os.walk(root / env / c, followlinks=True)):
+                samples += [os.path.relpath(os.path.join(r, f), root) for f in sorted(fnames)]
+        keys = list(range(len(samples)))
+        np.random.RandomState(seed_hash(0, env_i)).shuffle(keys)
+        expected_val |= {samples[k] for k in keys[:int(len(samples) * 0.2)]}
+    index = scan(root)
+    assert {p for p, s in zip(index.paths, index.split) if s == VAL} == expected_val
+    assert len(expected_val) == int(12 * 0.2) + int(10 * 0.2)
+
+
+def test_domainbed_seed_hash_check_values():
+    from data.domainbed import seed_hash
+    assert [seed_hash(0, i) for i in range(6)] == [894182419, 1514274641, 1325548499, 1796103049, 1773288162,
+                                                     1833038383]
 
 
 def test_scan_errors_are_user_errors(tmp_path):
@@ -454,6 +492,7 @@ def test_scan_errors_are_user_errors(tmp_path):
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(UserError) as fraction:
             scan(tmp_path / "ok", val_fraction=bad)
+        assert "validation fraction" in str(fraction.value)
 
 
 def test_check_holdout(tmp_path):

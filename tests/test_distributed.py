@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cache.index import read_table
+from cache.teacher_cache import TEXT_DATASETS
 from conftest import invoke
 
 EXTRACT = ("--views", "3", "--workers", "0", "--batch-size", "8")
@@ -45,7 +46,15 @@ def test_two_process_extraction_equals_single_process(runs):
         assert set(a) == set(b)
         assert b["image_emb"].is_virtual and not a["image_emb"].is_virtual  # joined without copying
         for name in a:
-            assert a[name].dtype == b[name].dtype and np.array_equal(a[name][()], b[name][()]), name
+            assert a[name].dtype == b[name].dtype, name
+            if name in TEXT_DATASETS:
+                # Stated tolerance: rank 0 encodes the prompts under torchrun's OMP_NUM_THREADS=1, the
+                # single process with its own thread count; the float32 sums then differ in the last
+                # bits, which can flip one float16 rounding (about 1e-7 relative before rounding).
+                np.testing.assert_allclose(a[name][()].astype(np.float32), b[name][()].astype(np.float32),
+                                           atol=1e-3, rtol=0, err_msg=name)
+            else:
+                assert np.array_equal(a[name][()], b[name][()]), name
     assert read_table(single / "extract" / "index.parquet")[0] == read_table(double / "extract" / "index.parquet")[0]
     moved = double.parent / "moved"  # the joined cache travels with its folder
     shutil.copytree(double, moved)

@@ -198,7 +198,7 @@ def test_full_disk_saving_a_distill_checkpoint_then_same_command_gives_same_weig
             "--eval-every", 2, "--workers", 0)
     assert invoke(*args).exit_code == 0
     out = next((run_copy / "distill" / "erm").glob("*/sketch/seed0"))
-    reference = load_file(out / "best.safetensors")
+    undisturbed = load_file(out / "best.safetensors")
     with monkeypatch.context() as patch:
         _fail_on(patch, torch.serialization, "save", 2, lambda real, *a: enospc(real, None))
         patch.setattr(torch, "save", torch.serialization.save)
@@ -206,7 +206,7 @@ def test_full_disk_saving_a_distill_checkpoint_then_same_command_gives_same_weig
     assert result.exit_code == 2 and "No space left" in result.output, result.output
     assert invoke(*args).exit_code == 0
     resumed = load_file(out / "best.safetensors")
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert all(torch.equal(resumed[k], undisturbed[k]) for k in undisturbed)
 
 
 def test_info_reads_while_an_extraction_holds_the_cache(run_copy):

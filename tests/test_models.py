@@ -76,3 +76,23 @@ def test_student_features_have_the_models_width():
     model, spec = create_backbone("test_vit", "none", image_size=32)
     features = model.eval()(torch.randn(2, 3, spec.size, spec.size))
     assert features.shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("name, tag", [("resnet50", "resnet50.tv_in1k"),
+                                       ("vit_base_patch16_224", "vit_base_patch16_224.augreg_in21k_ft_in1k")])
+def test_imagenet_student_weights_are_the_official_ones(monkeypatch, name, tag):
+    # No network: timm.create_model is replaced by a recorder that builds a tiny random model.
+    import timm
+    from stages.student import create_backbone, resolved_weights
+    real_create, calls = timm.create_model, []
+
+    def recording_create(model_name, **kwargs):
+        calls.append((model_name, kwargs.get("pretrained")))
+        return real_create("test_resnet", pretrained=False, num_classes=0)
+
+    monkeypatch.setattr(timm, "create_model", recording_create)
+    create_backbone(name, "imagenet", 32)
+    assert calls == [(tag, True)]
+    assert resolved_weights(name, "imagenet") == tag
+    create_backbone(name, "none", 32)
+    assert calls[-1] == (name, False) and resolved_weights(name, "none") == "none"

@@ -24,7 +24,7 @@ def test_extract_records_teacher_views_and_dataset(extracted, teacher_dir, datas
     files = {p.name: sha256_file(p) for p in sorted(teacher_dir.iterdir())}
     assert attrs["checkpoint_sha256"] == sha256_json(files)
     assert attrs["views"] == 3 and attrs["view_seed"] == 0
-    assert attrs["templates"] == 'json:["a photo of a {}."]'
+    assert attrs["templates"] == 'json:["a photo of a {}"]'  # VL2V's exact prompt, no period
     assert attrs["format_version"] == 1
     info = json.loads(invoke("info", "--run", extracted, "--json").output)
     assert info["cache"]["teacher"] == attrs["teacher"]
@@ -82,6 +82,7 @@ def test_methods_train_and_evaluate_without_the_teacher(method, run_copy, teache
     assert record["split"]["sketch"] == "train" and record["split"]["photo"] == "val"
     assert record["images"]["sketch"] == 16 and record["images"]["photo"] == 4
     assert 0.0 <= record["holdout_acc"] <= 1.0
+    assert record["student_weights"] == (None if method == "probe" else "none")  # the weights loaded
     key = "teacher" if method == "probe" else "test_resnet_none_32px"
     for model in models:
         assert (run_copy / "distill" / method / key / "sketch" / "seed0" / f"{model}.safetensors").exists()
@@ -213,3 +214,32 @@ def test_zeroshot_matches_cached_embeddings(run_copy):
     rows = [i for i, (d, s) in enumerate(zip(columns["domain"], columns["split"])) if d == "cartoon" and s == "train"]
     expected = float(np.mean(predicted[rows] == np.array(columns["label"])[rows]))
     assert record["holdout_acc"] == pytest.approx(expected)
+
+
+def test_preset_carries_the_official_numbers_and_sweeps_rise_weights(tmp_path, teacher_dir, dataset):
+    run = tmp_path / "run"
+    result = invoke("run", "--data", dataset, "--run", run, "--teacher", f"local-dir:{teacher_dir}",
+                    "--pretrained", "none", "--student", "test_resnet", "--student-weights", "none",
+                    "--student-size", 32, "--views", 2, "--steps", 2, "--eval-every", 1, "--per-domain", 2,
+                    "--holdouts", "sketch", "--workers", 0, "--methods", "rise", "--preset", "terraincognita")
+    assert result.exit_code == 0, result.output
+    protocol = json.loads((run / "protocol.json").read_text())
+    settings = protocol["settings"]
+    assert settings["preset"] == "terraincognita" and settings["align_steps"] == 5001  # preset value
+    assert settings["steps"] == 2 and settings["eval_every"] == 1                      # explicit options win
+    rise = settings["methods"]["rise"]
+    assert rise["hparams"] == {"lr": 2e-3} and rise["anchors"] == "generic"
+    assert [tuple(p.values()) for p in rise["grid"]] == [(0.2, 0.8, 0.5), (0.3, 0.7, 0.5), (0.2, 0.8, 1.0),
+                                                         (0.3, 0.7, 1.0), (0.2, 0.8, 2.0), (0.3, 0.7, 2.0)]
+    assert '"preset": "terraincognita"' in result.output  # the printed settings
+    [sweep] = protocol["sweeps"]
+    accs = [c["best_source_val_acc"] for c in sweep["candidates"]]
+    assert len(accs) == 6
+    assert sweep["selected"] == sweep["candidates"][accs.index(max(accs))]["hparams"]  # first best on ties
+    [record] = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert record["hparams"] == {"lr": 2e-3, **sweep["selected"]}
+    assert "selected" in result.output
+    for c in sweep["candidates"]:
+        trained = json.loads((run / "distill" / "rise" / "test_resnet_none_32px" / "sketch" /
+                              f"seed0-{c['variant']}" / "config.json").read_text())
+        assert trained["anchors"] == "generic" and trained["hparams"] == {"lr": 2e-3, **c["hparams"]}

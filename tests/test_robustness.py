@@ -194,12 +194,21 @@ def test_changed_dataset_says_what_changed(run_copy, teacher_dir, dataset, tmp_p
     assert "1 images added, 1 removed, 1 modified" in result.output
 
 
-def test_second_writer_is_refused(run_copy, teacher_dir, dataset):
-    from pipeline.runfolder import RunFolder
-    with RunFolder(run_copy).writing():
-        result = invoke("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher_dir}",
-                        "--views", 3, "--workers", 0)
-    assert result.exit_code == 2 and "another pipeline process is writing" in result.output
+def test_a_second_writer_of_the_same_stage_waits_then_skips(run_copy, teacher_dir, dataset):
+    import fcntl
+    import threading
+    import time
+    lock = open(run_copy / "extract" / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process is writing the extraction
+    release = threading.Timer(1.5, lambda: (fcntl.flock(lock, fcntl.LOCK_UN), lock.close()))
+    (run_copy / "extract" / "manifest.json").unlink()  # so the second writer has something to do
+    started = time.time()
+    release.start()
+    result = invoke("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher_dir}",
+                    "--views", 3, "--workers", 0)
+    assert result.exit_code == 0, result.output
+    assert "waiting for another pipeline process writing" in result.output
+    assert time.time() - started >= 1.4
     assert "up to date" in invoke("extract", "--data", dataset, "--run", run_copy, "--teacher",
                                   f"local-dir:{teacher_dir}", "--views", 3, "--workers", 0).output
 
@@ -315,3 +324,18 @@ def test_teacher_weights_changed_in_place_are_noticed(tmp_path, dataset):
     result = invoke(*command)
     assert "up to date" not in result.output
     assert result.exit_code == 2 and "different checkpoint_sha256" in result.output
+
+
+def test_unusable_weights_files_are_named(run_copy, teacher_dir, dataset, tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(os.urandom(3000))
+    teacher = invoke("extract", "--data", dataset, "--run", tmp_path / "r", "--teacher", "RN50", "--pretrained", text)
+    assert teacher.exit_code == 2 and "is not a checkpoint for this model" in teacher.output
+    student = invoke("align", "--run", run_copy, "--holdout", "photo", "--student", "test_resnet",
+                     "--student-weights", noise, "--steps", 2, "--workers", 0)
+    assert student.exit_code == 2 and "not a weights file" in student.output
+    local = invoke("extract", "--data", dataset, "--run", tmp_path / "r2", "--teacher", f"local-dir:{teacher_dir}",
+                   "--pretrained", "openai")
+    assert local.exit_code == 2 and "does not apply to a local-dir" in local.output

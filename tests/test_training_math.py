@@ -16,7 +16,7 @@ from cache.teacher_cache import TextTargets
 from data.cutmix import cutmix, rand_bbox
 from stages import losses
 from stages.methods import ADiP, ERM, KD, RISE, SD, Batch
-from stages.swad import LossValley, RunningAverage, Segment, update_batchnorm
+from stages.swad import LossValley, RunningAverage, Segment
 
 
 # --------------------------------------------------------------------------- hand-written maths
@@ -491,46 +491,46 @@ def test_loss_valley_segments_used_names_the_converge_segment_when_nothing_else_
     assert valley.segments_used == steps_of(1)
 
 
-def test_loss_valley_works_with_negative_losses_of_adip():
-    # ADiP and SD (SWAD on by default) validate with vl2v_loss = -cos, in [-1, 1]: negative.
-    # A flat valley: falls to -0.80 and then stays within 1% of it. Converged at k=6 (segment 4,
-    # [-0.80, -0.79, -0.795]). With threshold = mean * 1.3 = -1.03 (BELOW every loss, since the
-    # mean is negative) the valley is declared dead as soon as segment 4 heads smooth_q, and the
-    # "average" is segment 4 alone. The tolerance must be above the converged level whatever
-    # the sign of the loss (e.g. mean + |mean| * ratio), so this flat valley is averaged.
+def test_loss_valley_converge_and_stop_steps_of_a_loss_sequence():
+    # Validations every 200 steps. Stated from the official rule: the valley converges at the first
+    # validation where the oldest of the last 3 losses is their minimum: at step 1000 the last 3
+    # are (1.0, 1.1, 1.2), so it converges on the segment ending at step 600, threshold
+    # 1.3 * mean(1.0, 1.1, 1.2) = 1.43. It dies (training stops) at the first validation where
+    # the minimum of the last 6 losses exceeds 1.43: at step 2400 they are 1.5 ... 2.1.
+    losses_ = [2.0, 1.5, 1.0, 1.1, 1.2, 1.4, 1.5, 1.6, 1.7, 1.8, 2.0, 2.1, 0.1]
     valley = LossValley(n_converge=3, n_tolerance=6, tolerance_ratio=0.3)
-    losses_ = [-0.50, -0.60, -0.70, -0.80, -0.79, -0.795, -0.79, -0.80, -0.79, -0.795, -0.80, -0.79]
-    feed(valley, losses_)
-    assert valley.converge_step == 40
-    assert valley.threshold > -0.795  # the tolerance lies above the converged level
-    final = valley.final_state()
-    assert not valley.dead_valley
-    assert set(range(5, len(losses_) + 1)) <= set(averaged(valley, final))
+    stopped = None
+    for k, loss in enumerate(losses_, start=1):
+        valley.update(Segment({"w": t([float(k)])}, loss, 200 * (k - 1) + 1, 200 * k))
+        if valley.dead_valley:
+            stopped = 200 * k
+            break
+    assert valley.converge_step == 600
+    assert valley.threshold == pytest.approx(1.43)
+    assert stopped == 2400
 
 
-def test_adip_validation_loss_is_negative():
-    # Why the case above is the real one: an ADiP student near its targets has a negative loss.
+def test_segments_restart_only_at_steps_3000_4000_5000_by_default():
+    # The official default (swad_fix): of the validations of a 5001-step run every 200 steps,
+    # the segment restarts after 3000, 4000 and 5000 only; before that it averages from step 1.
+    from stages.swad import restarts_segment
+    assert [s for s in range(200, 5001, 200) if restarts_segment(s)] == [3000, 4000, 5000]
+
+
+def test_validation_loss_is_the_cross_entropy_of_the_100_cos_logits():
+    # ADiP validates (and feeds SWAD) with the cross-entropy of 100 * cos(z, t_c), not its -cos loss.
     text = text_targets()
-    model = ADiP.build(nn.Linear(4, 3), 3, text)
+    model = ADiP.build(nn.Linear(D, D), D, text)
+    with torch.no_grad():
+        for layer in (model.backbone, model.projection):
+            layer.weight.copy_(torch.eye(D))
+            layer.bias.zero_()
     method = ADiP(model, text, steps=1)
-    z = t([[1.0, 0.1], [0.2, 1.0]])
-    b = Batch(torch.zeros(2, 4), torch.tensor([0, 1]), t([[1.0, 0.0], [0.0, 1.0]]))
-    assert method.loss(z, b).item() < -0.9
-
-
-def test_update_batchnorm_cumulative_mean_and_momentum_restored():
-    bn = nn.BatchNorm1d(2, momentum=0.25)
-    model = nn.Sequential(nn.Identity(), bn)
-    bn.running_mean.fill_(100.0)
-    bn.running_var.fill_(50.0)
-    b1 = t([[1.0, 2.0], [3.0, 4.0]])   # batch means [2, 3]; unbiased variances [2, 2]
-    b2 = t([[5.0, 0.0], [7.0, 8.0]])   # batch means [6, 4]; unbiased variances [2, 32]
-    update_batchnorm(model, (b for b in [b1, b2]))  # a generator, as distill passes
-    assert bn.running_mean.tolist() == pytest.approx([4.0, 3.5])  # mean of all 4 rows
-    assert bn.running_var.tolist() == pytest.approx([2.0, 17.0])
-    assert bn.num_batches_tracked.item() == 2
-    assert bn.momentum == 0.25
-    update_batchnorm(nn.Sequential(nn.Linear(2, 2)), [b1])  # no BatchNorm: nothing to do
+    z = [[1.0, 0.1], [0.2, 1.0]]
+    logits, loss = method.score(Batch(t(z), torch.tensor([0, 2]), t([[1.0, 0.0], [0.0, 1.0]])))
+    expected_logits = 100 * np.array([[np_cos(zi, c) for c in CLASSIFIER] for zi in z])
+    assert logits.double().numpy() == pytest.approx(expected_logits, abs=1e-3)
+    assert loss == pytest.approx(np_ce(expected_logits, [0, 2]), rel=1e-4)
 
 
 # =========================================================================== stages/methods.py
@@ -594,6 +594,31 @@ def test_adip_loss_hand_computed(use_cutmix):
         target, txt = emb, np_cos(z, cls_[ya])
     expected = 0.3 * -np_cos(z, target).mean() + 0.7 * -txt.mean()
     assert method.loss(t(z), b).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("cls", [ADiP, SD, ERM, KD])
+def test_batchnorm_statistics_frozen_affine_trained(cls):
+    # The official VL2V trainer keeps BatchNorm in eval mode: after training steps the running
+    # statistics are exactly the initial ones, while gamma/beta (trainable) have moved.
+    bn = nn.BatchNorm1d(D)
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(2.0)
+    method = make(cls, backbone=nn.Sequential(nn.Linear(4, D), bn), dim=D, lr=1e-2)
+    for _ in range(3):
+        method.update(tiny_batch())
+    assert bn.running_mean.tolist() == [0.5, 0.5]
+    assert bn.running_var.tolist() == [2.0, 2.0]
+    assert bn.num_batches_tracked.item() == 0
+    assert not torch.equal(bn.weight.detach(), torch.ones(D))
+    assert not torch.equal(bn.bias.detach(), torch.zeros(D))
+    assert method.model.training and not bn.training
+
+
+def test_rise_batchnorm_statistics_update_as_its_trainer():
+    bn = nn.BatchNorm1d(D)
+    method = make(RISE, backbone=nn.Sequential(nn.Linear(4, D), bn), dim=D)
+    method.update(tiny_batch())
+    assert bn.num_batches_tracked.item() == 1 and not torch.equal(bn.running_mean, torch.zeros(D))
 
 
 def test_sd_trains_the_whole_tower_with_the_text_head():
@@ -716,3 +741,77 @@ def test_evaluate_and_predict_do_not_change_the_model(cls):
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
+
+
+# =========================================================================== model selection
+def test_model_selection_is_the_mean_of_per_domain_validation_accuracies():
+    # Domain A: 1 validation image, classified right; domain B: 3 images, 1 right. DomainBed's
+    # training-domain validation is (1/1 + 1/3) / 2 = 2/3, not the pooled 2/4.
+    from stages.fit import fit_on_cache
+    features = t([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]])  # [N, K=1, d]
+    labels = torch.tensor([0, 0, 1, 0, 0])  # predictions: feature [1, 0] -> 0, [0, 1] -> 1
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    _, log = fit_on_cache(head, features, [np.array([4]), np.array([4])], [np.array([0]), np.array([1, 2, 3])],
+                          loss=lambda out, rows, items: out.sum() * 0, logits=lambda out: out, labels=labels,
+                          steps=1, per_domain=1, lr=0.0, weight_decay=0.0, seed=0, eval_every=1, desc="test")
+    assert log[-1]["best_source_val_acc"] == pytest.approx((1 / 1 + 1 / 3) / 2)
+
+
+def test_reported_source_val_accuracy_weighs_domains_equally():
+    from stages.evaluate import summarize
+    result = summarize({"a": 1.0, "b": 1 / 3, "held": 0.25}, {}, "held", {"a": 1, "b": 3, "held": 8})
+    assert result["source_val_acc"] == pytest.approx(2 / 3)
+    assert result["holdout_acc"] == 0.25
+
+
+# =========================================================================== prompts and text targets
+class RecordingTeacher:
+    """Embeds prompt i as a fixed raw vector and records the exact prompt strings."""
+
+    def __init__(self, vectors):
+        self.vectors, self.prompts = vectors, []
+
+    def encode_texts(self, texts, normalize=True):
+        self.prompts += texts
+        raw = t([self.vectors[len(self.prompts) - len(texts) + i] for i in range(len(texts))])
+        return nn.functional.normalize(raw, dim=-1) if normalize else raw
+
+
+def test_rise_ensemble_averages_raw_embeddings_then_normalises():
+    # Two templates with raw embeddings [3, 0] and [0, 1]: RISE's mean is [1.5, 0.5] -> [0.9487, 0.3162];
+    # VL2V's mean of normalised vectors would be [0.5, 0.5] -> [0.7071, 0.7071].
+    from stages.extract import encode_class_texts
+    from stages.teacher import rise_ensemble, text_classifier
+    teacher = RecordingTeacher([[3.0, 0.0], [0.0, 1.0]])
+    raw = encode_class_texts(teacher, ["cat"], ("{}", "{}!"), rise=True)
+    assert rise_ensemble(raw)[0].tolist() == pytest.approx([1.5 / math.sqrt(2.5), 0.5 / math.sqrt(2.5)])
+    teacher = RecordingTeacher([[3.0, 0.0], [0.0, 1.0]])
+    normalised = encode_class_texts(teacher, ["cat"], ("{}", "{}!"))
+    assert text_classifier(normalised)[0].tolist() == pytest.approx([math.sqrt(0.5), math.sqrt(0.5)])
+
+
+def test_prompt_strings_are_the_official_ones():
+    from stages.extract import encode_anchors, encode_class_texts
+    from stages.prompts import TEMPLATE_SETS
+    teacher = RecordingTeacher([[1.0, 0.0]] * 20)
+    encode_class_texts(teacher, ["Alarm_Clock"], TEMPLATE_SETS["photo"])
+    assert teacher.prompts == ["a photo of a Alarm Clock"]  # VL2V: "_" -> " ", no period
+    teacher = RecordingTeacher([[1.0, 0.0]] * 20)
+    encode_class_texts(teacher, ["Alarm_Clock"], TEMPLATE_SETS["rise7"], rise=True)
+    assert teacher.prompts == ["itap of a Alarm_Clock.", "a bad photo of the Alarm_Clock.", "a origami Alarm_Clock.",
+                               "a photo of the large Alarm_Clock.", "a Alarm_Clock in a video game.",
+                               "art of the Alarm_Clock.", "a photo of the small Alarm_Clock."]
+    teacher = RecordingTeacher([[1.0, 0.0]] * 20)
+    encode_anchors(teacher, ["Alarm_Clock"], ["art_painting", "bright photo"])
+    assert teacher.prompts == ["a art_painting of a Alarm_Clock", "a bright photo of a Alarm_Clock"]
+
+
+def test_batchnorm_trains_normally_when_freezing_is_switched_off():
+    # Distill switches freezing off for a random-init student (its statistics are just 0 and 1).
+    bn = nn.BatchNorm1d(D)
+    method = make(ADiP, backbone=nn.Sequential(nn.Linear(4, D), bn), dim=D, freeze_batchnorm=False)
+    method.update(tiny_batch())
+    assert bn.num_batches_tracked.item() == 1
