@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from data import demo
-from data.views import render, sample_views
+from data.views import InputSpec, render, sample_views
 
 FOLDER = Path(__file__).parent / "demo_student"
 FILE = FOLDER / "test_resnet_photo_shapes.safetensors"
@@ -48,11 +48,11 @@ def train(steps: int, batch_size: int, per_class: int, lr: float, views: int = 4
     import timm
     from safetensors.torch import save_file
 
-    from stages.student import create_backbone
-
-    backbone, spec = create_backbone(MODEL, "none", SIZE)
     torch.manual_seed(seed)
     model = timm.create_model(MODEL, num_classes=len(CLASSES))
+    config = timm.data.resolve_data_config({}, model=model)  # the spec the pipeline will give it
+    spec = InputSpec(size=SIZE, mean=tuple(config["mean"]), std=tuple(config["std"]),
+                     interpolation=config.get("interpolation", "bicubic"))
     started = time.time()
     images, labels = make_pool(per_class, views, seed, spec)
     held = torch.arange(len(labels)) % (5 * views) < views  # every fifth image (all its views): validation
