@@ -6,6 +6,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -55,14 +56,8 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         raise UserError(f"--seeds must be comma-separated integers, got '{seeds}'")
     run = RunFolder(run_dir or config.DEMO_RUN)
     timings = {}
+    timed = partial(_timed, timings)
     say("run: settings " + json.dumps(settings))
-
-    def timed(name, fn):
-        started = time.time()
-        try:
-            return fn()
-        finally:
-            timings[name] = timings.get(name, 0.0) + time.time() - started
 
     with run.writing():
         if data_root is None:
@@ -132,6 +127,15 @@ class Grid:
     force: bool
 
 
+def _timed(timings: dict, name: str, fn):
+    """``fn()``, its wall time added to ``timings[name]``."""
+    started = time.time()
+    try:
+        return fn()
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.time() - started
+
+
 def _one_device(devices, jobs: int) -> None:
     """Pool worker start: one accelerator each (if any), and a fair share of the CPU threads."""
     device = devices.get()
@@ -144,13 +148,7 @@ def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
     """Align (once per held-out domain and seed), then train and evaluate every method."""
     run, settings, force, workers = RunFolder(run_root), grid.settings, grid.force, grid.workers
     timings, sweeps, results, official = {}, [], [], 0
-
-    def timed(name, fn):
-        started = time.time()
-        try:
-            return fn()
-        finally:
-            timings[name] = timings.get(name, 0.0) + time.time() - started
+    timed = partial(_timed, timings)
 
     say(f"run: held-out domain '{holdout}', seed {seed}")
     student = {"student": settings["student"], "student_weights": settings["student_weights"],
