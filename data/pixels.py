@@ -39,6 +39,7 @@ import io
 import os
 import shutil
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import h5py
@@ -282,23 +283,16 @@ def build(path, root, paths, view_params: np.ndarray, spec: views_mod.InputSpec,
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(b) for b in pending], num_workers=workers,
                                              collate_fn=_collate)
         batches = iter(loader)  # workers fork here, before the HDF5 file is opened
-        if form == "raw":
-            with h5py.File(path, "r+") as f:
-                for rows, pixels, errors in batches:
+        with h5py.File(path, "r+") if form == "raw" else nullcontext() as f:
+            for rows, payload, errors in batches:
+                if form == "raw":
                     where = slice(rows[0], rows[-1] + 1)
-                    f["pixels"][where] = pixels.numpy()
-                    f.flush()  # a row is marked done only once its pixels are on disk
+                    f["pixels"][where] = payload.numpy()
+                    store.durable(f)  # a row is marked done only once its pixels are on disk
                     f["status"][where] = [FAILED if e else DONE for e in errors]
-                    f.flush()
-                    done_now += len(rows)
-                    failed += [(r, e) for r, e in zip(rows, errors) if e]
-                    if progress is not None:
-                        progress(len(rows))
-                    if stop is not None and stop.requested:
-                        break
-        else:
-            for rows, encoded, errors in batches:
-                _write_part(parts / _part_name(rows[0]), encoded, errors)
+                    store.durable(f)
+                else:
+                    _write_part(parts / _part_name(rows[0]), payload, errors)
                 done_now += len(rows)
                 failed += [(r, e) for r, e in zip(rows, errors) if e]
                 if progress is not None:
