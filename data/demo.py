@@ -15,17 +15,52 @@ DOMAINS = ("cartoon", "photo", "pixel", "sketch")
 EXTRA_STYLES = ("painting", "neon")
 # Shapes only the demo student's pre-training sees (drawn only as photos): its "ImageNet".
 EXTRA_SHAPES = ("arrow", "diamond", "heart", "hexagon", "moon", "pentagon", "ring", "semicircle")
-# Background tints. In the demo dataset the tint goes with the class, through a mapping that
-# differs in every style (the source-only shortcut, see ``tint_of``); pre-training draws them at
-# random.
+# Background tints and patterns, drawn at random, except that in the demo dataset the pattern goes
+# with the class (the source-only shortcut, see ``pattern_of``). Patterns are luminance marks, so
+# they survive the training views' colour jitter, greyscale, flips and crops, as a real shortcut
+# (a background, a watermark) does.
 TINTS = ((230, 60, 60), (60, 200, 60), (70, 90, 235), (235, 205, 40), (200, 70, 220))
-SHORTCUT = 0.85  # fraction of demo images whose tint follows the class
+PATTERNS = ("plain", "rows", "columns", "checks", "dots")
+SHORTCUT = 0.85  # fraction of demo images whose background pattern follows the class
+PATTERN_CONTRAST = 0.35  # how far the marks move toward black (light images) or white (dark ones)
 
 
-def tint_of(class_index: int, domain_index: int) -> int:
-    """The tint class ``class_index`` usually has in style ``domain_index``: a cyclic shift per style,
-    so in a held-out style every class wears a tint that meant another class in every source."""
-    return (class_index + domain_index) % len(TINTS)
+def pattern_of(class_index: int, domain_index: int) -> int:
+    """The pattern class ``class_index`` usually has in style ``domain_index``: a cyclic shift per
+    style, so in a held-out style every class wears a pattern that meant another class in every
+    source style."""
+    return (class_index + domain_index) % len(PATTERNS)
+
+
+def pattern_mask(pattern: int, width: int, height: int, period: int) -> np.ndarray:
+    """The pixels that ``PATTERNS[pattern]`` marks: [height, width] bool."""
+    y, x = np.mgrid[0:height, 0:width]
+    row, column = y // period, x // period
+    name = PATTERNS[pattern]
+    if name == "rows":
+        return row % 2 == 1
+    if name == "columns":
+        return column % 2 == 1
+    if name == "checks":
+        return (row + column) % 2 == 1
+    if name == "dots":
+        return (y % period < period // 2) & (x % period < period // 2)
+    return np.zeros((height, width), bool)
+
+
+def with_pattern(image: Image.Image, points: list, pattern: int, rng: np.random.Generator) -> Image.Image:
+    """``image`` with ``PATTERNS[pattern]`` on its background (outside the shape ``points``): the
+    marks move a third of the way to black on a light image, to white on a dark one."""
+    if PATTERNS[pattern] == "plain":
+        return image
+    shape = Image.new("L", image.size, 0)
+    ImageDraw.Draw(shape).polygon(points, fill=255)
+    pixels = np.asarray(image, np.float32).copy()
+    marks = pattern_mask(pattern, image.width, image.height, int(rng.integers(6, 9)))
+    marks &= np.asarray(shape) == 0
+    target = 0.0 if pixels.mean() > 110 else 255.0
+    pixels[marks] += PATTERN_CONTRAST * (target - pixels[marks])
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def shape_points(name: str, cx: float, cy: float, r: float, angle: float) -> list:
@@ -86,13 +121,20 @@ def _shade(tint, amount: float, base: float) -> tuple:
     return tuple(int(round(base * (1 - amount) + t * amount)) for t in tint)
 
 
-def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72, tint: int | None = None) -> Image.Image:
-    """One image of ``shape`` in the style of ``domain``, its background tinted with ``TINTS[tint]``
-    (None: a random tint)."""
+def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72, pattern: int | None = None
+         ) -> Image.Image:
+    """One image of ``shape`` in the style of ``domain`` on a randomly tinted background with
+    ``PATTERNS[pattern]`` (None: a random pattern)."""
+    image, points = _draw_style(shape, domain, rng, size)
+    return with_pattern(image, points, int(rng.integers(len(PATTERNS))) if pattern is None else pattern, rng)
+
+
+def _draw_style(shape: str, domain: str, rng: np.random.Generator, size: int) -> tuple:
+    """The image and the shape's polygon, before the background pattern."""
     cx, cy = rng.uniform(0.38, 0.62, size=2) * size
     r = rng.uniform(0.24, 0.34) * size
     points = shape_points(shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
-    hue = np.asarray(TINTS[int(rng.integers(len(TINTS))) if tint is None else tint], np.float32)
+    hue = np.asarray(TINTS[int(rng.integers(len(TINTS)))], np.float32)
     if domain == "photo":  # smooth gradient background in the tint, shaded shape, sensor noise
         top, bottom = hue * rng.uniform(0.45, 0.8), hue * rng.uniform(0.45, 0.8) + rng.uniform(0, 40)
         ramp = np.linspace(0, 1, size)[:, None, None]
@@ -102,21 +144,21 @@ def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72, tint
         ImageDraw.Draw(image).polygon(points, fill=colour)
         image = image.filter(ImageFilter.GaussianBlur(1.0))
         pixels = np.asarray(image, np.float32) + rng.normal(0, 8, size=(size, size, 3))
-        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB"), points
     if domain == "sketch":  # pencil outline on tinted paper, slightly jittered strokes
         image = Image.new("RGB", (size, size), _shade(hue, rng.uniform(0.25, 0.4), 250))
         pen = ImageDraw.Draw(image)
         for _ in range(2):
             wobble = [(x + rng.normal(0, 0.8), y + rng.normal(0, 0.8)) for x, y in points]
             pen.line(wobble + wobble[:1], fill=(40, 40, 40), width=1)
-        return image
+        return image, points
     if domain == "cartoon":  # flat saturated fill, thick black outline, plain pastel background
         background = _shade(hue, rng.uniform(0.35, 0.55), 255)
         image = Image.new("RGB", (size, size), background)
         pen = ImageDraw.Draw(image)
         pen.polygon(points, fill=_contrasting(rng, background))
         pen.line(points + points[:1], fill=(0, 0, 0), width=3)
-        return image
+        return image, points
     if domain == "pixel":  # low-resolution blocky rendering, two-colour palette, dark background
         small = max(size // 4, 8)
         scale = small / size
@@ -124,20 +166,20 @@ def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72, tint
         image = Image.new("RGB", (small, small), background)
         ImageDraw.Draw(image).polygon([(x * scale, y * scale) for x, y in points],
                                       fill=_contrasting(rng, background, 90, 256))
-        return image.resize((size, size), Image.NEAREST)
+        return image.resize((size, size), Image.NEAREST), points
     if domain == "painting":  # soft brushy colour fields, no outline
         background = _shade(hue, rng.uniform(0.4, 0.7), 160)
         image = Image.new("RGB", (size, size), background)
         ImageDraw.Draw(image).polygon(points, fill=_contrasting(rng, background))
         pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(2.0)), np.float32)
         strokes = rng.normal(0, 9, size=(size // 4 + 1, size // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:size, :size]
-        return Image.fromarray(np.clip(pixels + strokes, 0, 255).astype(np.uint8), "RGB")
+        return Image.fromarray(np.clip(pixels + strokes, 0, 255).astype(np.uint8), "RGB"), points
     if domain == "neon":  # glowing coloured outline on a near-black tinted background
         image = Image.new("RGB", (size, size), _shade(hue, 0.15, 0))
         glow = tuple(int(c) for c in rng.integers(120, 256, size=3))
         ImageDraw.Draw(image).line(points + points[:1], fill=glow, width=3)
         halo = image.filter(ImageFilter.GaussianBlur(2))
-        return Image.fromarray(np.maximum(np.asarray(image), np.asarray(halo)), "RGB")
+        return Image.fromarray(np.maximum(np.asarray(image), np.asarray(halo)), "RGB"), points
     raise ValueError(f"unknown domain {domain}")
 
 
@@ -146,8 +188,8 @@ def generate(root, per_class: int = 30, seed: int = 0, domains=DOMAINS, classes=
     """Write ``root/<domain>/<class>/<i>.png`` for every domain and class; returns root.
 
     Image sizes vary a little (64 to 88 pixels, not always square) so crops are exercised
-    in source pixels. A fraction ``shortcut`` of each class's images has the background tint
-    ``tint_of(class, domain)``, the rest a random one. Existing files are left alone, so
+    in source pixels. A fraction ``shortcut`` of each class's images has the background pattern
+    ``pattern_of(class, domain)``, the rest a random one. Existing files are left alone, so
     generating twice is a no-op.
     """
     root = Path(root)
@@ -158,8 +200,8 @@ def generate(root, per_class: int = 30, seed: int = 0, domains=DOMAINS, classes=
             rng = np.random.default_rng([seed, d, c])
             for i in range(per_class):
                 size = int(rng.integers(64, 89))
-                tint = tint_of(c, d) if rng.random() < shortcut else None
-                image = draw(shape, domain, rng, size=size, tint=tint)
+                pattern = pattern_of(c, d) if rng.random() < shortcut else None
+                image = draw(shape, domain, rng, size=size, pattern=pattern)
                 if rng.random() < 0.3:  # some non-square images
                     image = image.resize((image.width, int(image.height * rng.uniform(0.8, 1.0))))
                 path = folder / f"{i:03d}.png"

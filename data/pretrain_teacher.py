@@ -45,14 +45,23 @@ def make_pool(per_pair: int, size: int, seed: int):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), pairs
 
 
-def random_crop(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """One random resized crop (scale 0.6-1) and flip for the whole batch: cheap augmentation."""
+def augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Cheap augmentation close to the pipeline's views: one random resized crop (scale 0.6-1) and
+    flip for the whole batch; per image a brightness factor, and for some images swapped colour
+    channels (a hue change) or greyscale, so the teacher does not key on colour."""
     size = batch.shape[-1]
     side = int(size * np.sqrt(rng.uniform(0.6, 1.0)))
     y, x = rng.integers(0, size - side + 1, size=2)
     out = F.interpolate(batch[:, :, y:y + side, x:x + side], size=(size, size), mode="bilinear",
                         align_corners=False)
-    return out.flip(-1) if rng.random() < 0.5 else out
+    out = out.flip(-1) if rng.random() < 0.5 else out
+    n = len(out)
+    swapped = torch.from_numpy(rng.random(n) < 0.5)
+    out[swapped] = out[swapped][:, torch.from_numpy(rng.permutation(3))]
+    grey = torch.from_numpy(rng.random(n) < 0.1)
+    out[grey] = out[grey].mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    brightness = torch.from_numpy(rng.uniform(0.7, 1.3, size=(n, 1, 1, 1)).astype(np.float32))
+    return (out * brightness).clamp(0, 1)
 
 
 def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEED, folder: Path = FOLDER) -> Path:
@@ -64,7 +73,7 @@ def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEE
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if folder != FOLDER:
+    if not (folder / "open_clip_config.json").exists():
         shutil.copy(FOLDER / "open_clip_config.json", folder / "open_clip_config.json")
     name = f"local-dir:{folder}"
     for old in folder.glob("*.safetensors"):
@@ -80,7 +89,7 @@ def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEE
     model.train()
     for step in range(1, steps + 1):
         chosen = rng.choice(len(pairs), batch_size, replace=False)
-        pixels = (random_crop(images[chosen], rng) - mean) / std
+        pixels = (augment(images[chosen], rng) - mean) / std
         captions = [caption(*pairs[i], rng) for i in chosen]
         tokens = tokenizer([text for text, _ in captions])
         image_features, text_features, logit_scale = model(pixels, tokens)[:3]
@@ -106,9 +115,9 @@ def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEE
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=192)
-    parser.add_argument("--per-pair", type=int, default=120, help="images per (style, shape)")
+    parser.add_argument("--per-pair", type=int, default=160, help="images per (style, shape)")
     parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args()
     print(f"wrote {train(args.steps, args.batch_size, args.per_pair, args.lr)}")
