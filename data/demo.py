@@ -55,7 +55,7 @@ def with_pattern(image: Image.Image, points: list, pattern: int, rng: np.random.
         return image
     shape = Image.new("L", image.size, 0)
     ImageDraw.Draw(shape).polygon(points, fill=255)
-    pixels = np.asarray(image, np.float32).copy()
+    pixels = np.asarray(image, np.float32)  # a new float array, so writable
     marks = pattern_mask(pattern, image.width, image.height, int(rng.integers(6, 9)))
     marks &= np.asarray(shape) == 0
     target = 0.0 if pixels.mean() > 110 else 255.0

@@ -36,6 +36,7 @@ have forked) and reads the requested (row, view) pairs with positional reads; it
 not depend on the number of images.
 """
 import io
+import json
 import os
 import shutil
 import threading
@@ -245,16 +246,15 @@ def build(path, root, paths, view_params: np.ndarray, spec: views_mod.InputSpec,
     wanted = identity(spec, n, n_views, source, form)
     parts = path.with_name(path.name + ".parts")
     if path.exists():
-        differs = mismatches(store.read_attrs(path), wanted)
-        if differs and not force:
-            raise StalePixels(f"{path}: pixel cache built for other {', '.join(differs)}; rebuild it (--force)")
-        if differs or force:
+        if force:
             path.unlink()
+        else:
+            check(path, wanted)
     if force and parts.exists():
         shutil.rmtree(parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     attrs = _attrs(wanted, block)
-    blocks = [range(start, min(start + block, n)) for start in range(0, n, block)]
+    blocks = _blocks(n, block)
     if form == "raw":
         if not path.exists():
             _create(path, {"pixels": ((n, n_views, spec.size, spec.size, 3), np.uint8), "status": ((n,), np.uint8)},
@@ -268,14 +268,14 @@ def build(path, root, paths, view_params: np.ndarray, spec: views_mod.InputSpec,
             parts.mkdir(exist_ok=True)
             marker = parts / "identity.json"
             if marker.exists():
-                recorded = _load_json(marker)
+                recorded = json.loads(marker.read_text())
                 if mismatches(recorded, wanted):
                     raise StalePixels(f"{parts}: partial pixel cache for other settings; rebuild it (--force)")
                 block = int(recorded["block"])  # parts are whole blocks: resume with the same ones
                 attrs["block"] = block
-                blocks = [range(start, min(start + block, n)) for start in range(0, n, block)]
+                blocks = _blocks(n, block)
             else:
-                marker.write_text(_dump_json({**wanted, "block": block}))
+                marker.write_text(json.dumps({**wanted, "block": block}, sort_keys=True))
             pending = [b for b in blocks if not (parts / _part_name(b.start)).exists()]
     done_now, failed = 0, []
     if pending:
@@ -308,18 +308,13 @@ def build(path, root, paths, view_params: np.ndarray, spec: views_mod.InputSpec,
             "bytes": size_on_disk(path) if path.exists() else None}
 
 
+def _blocks(n: int, block: int) -> list:
+    """The rows of every block: fixed runs of ``block`` rows, the last one shorter."""
+    return [range(start, min(start + block, n)) for start in range(0, n, block)]
+
+
 def _part_name(start: int) -> str:
     return f"rows{start:010d}.npz"
-
-
-def _load_json(path):
-    import json
-    return json.loads(Path(path).read_text())
-
-
-def _dump_json(obj) -> str:
-    import json
-    return json.dumps(obj, sort_keys=True)
 
 
 def _write_part(path: Path, encoded, errors) -> None:
@@ -520,27 +515,25 @@ class PixelBatches:
         ready, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
         end = object()
 
-        def produce():
-            try:
-                for batch in self.batch_sampler:
-                    if stop.is_set():
-                        return
-                    result = self._read(batch)
-                    while not stop.is_set():
-                        try:
-                            ready.put(result, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                result = end
-            except BaseException as e:  # handed to the consumer, raised there
-                result = e
+        def offer(result) -> bool:
+            """Queue ``result`` unless the consumer has stopped (then False)."""
             while not stop.is_set():
                 try:
                     ready.put(result, timeout=0.1)
-                    return
+                    return True
                 except queue.Full:
                     continue
+            return False
+
+        def produce():
+            try:
+                for batch in self.batch_sampler:
+                    if stop.is_set() or not offer(self._read(batch)):
+                        return
+                result = end
+            except BaseException as e:  # handed to the consumer, raised there
+                result = e
+            offer(result)
 
         thread = threading.Thread(target=produce, name="pixel-batches", daemon=True)
         thread.start()
