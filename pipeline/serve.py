@@ -69,8 +69,6 @@ def build_model(teacher, model_name: str):
     forward = threading.Lock()
     params = describe_teacher(teacher, model_name)
     size, dim = params["size"], params["embed_dim"]
-    mean = np.asarray(teacher.input_spec.mean, np.float32)
-    std = np.asarray(teacher.input_spec.std, np.float32)
 
     def decode_image(i: int, item) -> torch.Tensor:
         try:
@@ -80,21 +78,18 @@ def build_model(teacher, model_name: str):
         if raw[:8] != b"\x89PNG\r\n\x1a\n":
             raise InvalidInput(f"image {i}: not a PNG (images travel losslessly, PNG-encoded)")
         try:
-            with Image.open(io.BytesIO(raw)) as image:
-                if image.size != (size, size):  # checked before decoding the pixels
-                    raise InvalidInput(f"image {i}: {image.size[0]}x{image.size[1]} pixels; this teacher "
-                                       f"takes {size}x{size} (render the view at the teacher's input size)")
-                if image.mode != "RGB":
-                    raise InvalidInput(f"image {i}: mode {image.mode}; send 8-bit RGB")
-                image.load()
-                pixels = np.asarray(image, dtype=np.float32)
+            image = Image.open(io.BytesIO(raw))
+            if image.size != (size, size):  # checked before decoding the pixels
+                raise InvalidInput(f"image {i}: {image.size[0]}x{image.size[1]} pixels; this teacher "
+                                   f"takes {size}x{size} (render the view at the teacher's input size)")
+            if image.mode != "RGB":
+                raise InvalidInput(f"image {i}: mode {image.mode}; send 8-bit RGB")
+            image.load()
         except InvalidInput:
             raise
         except Exception as e:  # PIL raises many types on corrupt data
             raise InvalidInput(f"image {i}: cannot decode PNG: {str(e)[:200]}")
-        # Exactly InputSpec.__call__ after its resize: scale, normalise, CHW.
-        pixels = (pixels / 255.0 - mean) / std
-        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+        return teacher.input_spec(image)  # the teacher's own preprocessing; at its size the resize is a copy
 
     class OpenClipService(kserve.Model):
         def __init__(self):

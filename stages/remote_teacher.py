@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.views import InputSpec, _RESAMPLE
+from data.views import InputSpec
 from cache.errors import UserError
 
 TOKEN_ENV = "PIPELINE_TEACHER_TOKEN"
@@ -60,8 +60,7 @@ class RemoteInputSpec(InputSpec):
     """The teacher's resize only: pixels 0..255 (float32, exact integers), not normalised."""
 
     def __call__(self, view: Image.Image) -> torch.Tensor:
-        resample = _RESAMPLE.get(self.interpolation, Image.BICUBIC)
-        pixels = np.asarray(view.resize((self.size, self.size), resample), dtype=np.float32)
+        pixels = self.resize(view).astype(np.float32)
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
@@ -272,8 +271,7 @@ class RemoteTeacher:
             except self._httpx.TransportError as e:
                 if _certificate_error(e):
                     self._count_failed(n)
-                    raise UserError(f"teacher service {self.url}: its TLS certificate does not verify "
-                                    f"(a private CA: set ${CA_ENV} to its bundle)")
+                    raise self._untrusted()
                 problem = f"connection failed ({type(e).__name__})"
             else:
                 if reply.status_code == 200:
@@ -289,10 +287,17 @@ class RemoteTeacher:
                 self._count_failed(n)
                 raise UserError(f"teacher service {self.url}: {kind} request failed after {self.retries} retries "
                                 f"({problem}); finished blocks are kept: run the same command again to resume")
-            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
-            time.sleep(max(delay, wait or 0.0))
+            time.sleep(max(self._backoff(attempt), wait or 0.0))
             with self._lock:
                 self.counts["retried"] += n
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before retry ``attempt + 1``: exponential, capped, with jitter."""
+        return min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
+
+    def _untrusted(self) -> UserError:
+        return UserError(f"teacher service {self.url}: its TLS certificate does not verify "
+                         f"(a private CA: set ${CA_ENV} to its bundle)")
 
     def _count_failed(self, n: int) -> None:
         with self._lock:
@@ -331,11 +336,10 @@ class RemoteTeacher:
                     raise UserError(f"teacher service {self.url}: model '{self.model_name}': {problem}")
             except self._httpx.TransportError as e:
                 if _certificate_error(e):
-                    raise UserError(f"teacher service {self.url}: its TLS certificate does not verify "
-                                    f"(a private CA: set ${CA_ENV} to its bundle)")
+                    raise self._untrusted()
                 problem = f"connection failed ({type(e).__name__})"
             if attempt < self.retries:
-                time.sleep(min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5))
+                time.sleep(self._backoff(attempt))
         raise UserError(f"teacher service {self.url} is not reachable ({problem})")
 
     def close(self) -> None:
