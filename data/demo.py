@@ -15,13 +15,19 @@ DOMAINS = ("cartoon", "photo", "pixel", "sketch")
 EXTRA_STYLES = ("painting", "neon")
 # Shapes only the demo student's pre-training sees (drawn only as photos): its "ImageNet".
 EXTRA_SHAPES = ("arrow", "diamond", "heart", "hexagon", "moon", "pentagon", "ring", "semicircle")
-# Background tints and patterns, drawn at random, except that in the demo dataset the pattern goes
-# with the class (the source-only shortcut, see ``pattern_of``). Patterns are luminance marks, so
-# they survive the training views' colour jitter, greyscale, flips and crops, as a real shortcut
-# (a background, a watermark) does.
+# Each class comes in variants that the labels do not name and the teacher's captions do, as CLIP
+# knows "an oval" or "a four-pointed star" beyond a benchmark's class names: what the teacher knows
+# beyond the labels, which only distillation can pass on. Variant 0 is the plain class shape.
+VARIANTS = {"circle": ("round", "oval"), "cross": ("thick", "thin"), "square": ("regular", "long"),
+            "star": ("five-pointed", "four-pointed", "six-pointed"), "triangle": ("regular", "right")}
+# Background tints are drawn at random. Background patterns are drawn at random in the teacher's
+# pre-training; the demo dataset has plain backgrounds, or with ``generate(shortcut=f)`` a pattern
+# that goes with the class in a fraction f of the images (a source-only shortcut, see
+# ``pattern_of``; the README measures that world too). Patterns are luminance marks, so they survive
+# the training views' colour jitter, greyscale, flips and crops, as a real shortcut (a background,
+# a watermark) does.
 TINTS = ((230, 60, 60), (60, 200, 60), (70, 90, 235), (235, 205, 40), (200, 70, 220))
 PATTERNS = ("plain", "rows", "columns", "checks", "dots")
-SHORTCUT = 0.85  # fraction of demo images whose background pattern follows the class
 PATTERN_CONTRAST = 0.35  # how far the marks move toward black (light images) or white (dark ones)
 
 
@@ -63,20 +69,26 @@ def with_pattern(image: Image.Image, points: list, pattern: int, rng: np.random.
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def shape_points(name: str, cx: float, cy: float, r: float, angle: float) -> list:
-    """Polygon of a shape centred at (cx, cy) with radius r, rotated by angle (radians)."""
+def shape_points(name: str, cx: float, cy: float, r: float, angle: float, variant: int = 0) -> list:
+    """Polygon of a shape (``VARIANTS[name][variant]``) centred at (cx, cy) with radius r, rotated
+    by angle (radians)."""
     if name == "circle":
-        corners = [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)]
+        squash = (1.0, 0.55)[variant]
+        corners = [(math.cos(t), squash * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)]
     elif name == "square":
-        corners = [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]
+        w, h = ((0.75, 0.75), (0.9, 0.45))[variant]
+        corners = [(-w, -h), (w, -h), (w, h), (-w, h)]
+    elif name == "triangle" and variant == 1:  # right-angled, centred on its centroid
+        corners = [(-0.5, -1.0), (1.0, 0.5), (-0.5, 0.5)]
     elif name == "triangle":
         corners = [(math.cos(t), math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     elif name == "star":
-        corners = [((1.0 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
-                    (1.0 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5))
-                   for i in range(10)]
+        points = (5, 4, 6)[variant]
+        corners = [((1.0 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + i * math.pi / points),
+                    (1.0 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + i * math.pi / points))
+                   for i in range(2 * points)]
     elif name == "cross":
-        a, b = 0.3, 0.9
+        a, b = (0.3, 0.14)[variant], 0.9
         corners = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a),
                    (-b, a), (-b, -a), (-a, -a)]
     elif name == "hexagon" or name == "pentagon":
@@ -121,19 +133,19 @@ def _shade(tint, amount: float, base: float) -> tuple:
     return tuple(int(round(base * (1 - amount) + t * amount)) for t in tint)
 
 
-def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72, pattern: int | None = None
-         ) -> Image.Image:
-    """One image of ``shape`` in the style of ``domain`` on a randomly tinted background with
-    ``PATTERNS[pattern]`` (None: a random pattern)."""
-    image, points = _draw_style(shape, domain, rng, size)
+def draw(shape: str, domain: str, rng: np.random.Generator, size: int = 72, pattern: int | None = None,
+         variant: int = 0) -> Image.Image:
+    """One image of ``shape`` (``VARIANTS[shape][variant]``) in the style of ``domain`` on a randomly
+    tinted background with ``PATTERNS[pattern]`` (None: a random pattern)."""
+    image, points = _draw_style(shape, domain, rng, size, variant)
     return with_pattern(image, points, int(rng.integers(len(PATTERNS))) if pattern is None else pattern, rng)
 
 
-def _draw_style(shape: str, domain: str, rng: np.random.Generator, size: int) -> tuple:
+def _draw_style(shape: str, domain: str, rng: np.random.Generator, size: int, variant: int) -> tuple:
     """The image and the shape's polygon, before the background pattern."""
     cx, cy = rng.uniform(0.38, 0.62, size=2) * size
     r = rng.uniform(0.24, 0.34) * size
-    points = shape_points(shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
+    points = shape_points(shape, cx, cy, r, rng.uniform(0, 2 * math.pi), variant)
     hue = np.asarray(TINTS[int(rng.integers(len(TINTS)))], np.float32)
     if domain == "photo":  # smooth gradient background in the tint, shaded shape, sensor noise
         top, bottom = hue * rng.uniform(0.45, 0.8), hue * rng.uniform(0.45, 0.8) + rng.uniform(0, 40)
@@ -184,12 +196,13 @@ def _draw_style(shape: str, domain: str, rng: np.random.Generator, size: int) ->
 
 
 def generate(root, per_class: int = 30, seed: int = 0, domains=DOMAINS, classes=CLASSES,
-             shortcut: float = SHORTCUT) -> Path:
+             shortcut: float | None = None) -> Path:
     """Write ``root/<domain>/<class>/<i>.png`` for every domain and class; returns root.
 
     Image sizes vary a little (64 to 88 pixels, not always square) so crops are exercised
-    in source pixels. A fraction ``shortcut`` of each class's images has the background pattern
-    ``pattern_of(class, domain)``, the rest a random one. Existing files are left alone, so
+    in source pixels. Each image's variant of its class is drawn at random. Backgrounds are plain;
+    with ``shortcut`` a fraction, that fraction of each class's images has the background pattern
+    ``pattern_of(class, domain)`` and the rest a random one. Existing files are left alone, so
     generating twice is a no-op.
     """
     root = Path(root)
@@ -200,8 +213,9 @@ def generate(root, per_class: int = 30, seed: int = 0, domains=DOMAINS, classes=
             rng = np.random.default_rng([seed, d, c])
             for i in range(per_class):
                 size = int(rng.integers(64, 89))
-                pattern = pattern_of(c, d) if rng.random() < shortcut else None
-                image = draw(shape, domain, rng, size=size, pattern=pattern)
+                pattern = 0 if shortcut is None else pattern_of(c, d) if rng.random() < shortcut else None
+                variant = int(rng.integers(len(VARIANTS[shape])))
+                image = draw(shape, domain, rng, size=size, pattern=pattern, variant=variant)
                 if rng.random() < 0.3:  # some non-square images
                     image = image.resize((image.width, int(image.height * rng.uniform(0.8, 1.0))))
                 path = folder / f"{i:03d}.png"
