@@ -98,7 +98,12 @@ def write_attrs(f: h5py.File, attrs: dict) -> None:
 def read_attrs(path) -> dict:
     """Attributes of the store, with JSON-encoded values decoded."""
     with reading(path) as f:
-        return {key: _decode(value) for key, value in f.attrs.items()}
+        return attributes(f)
+
+
+def attributes(f: h5py.File) -> dict:
+    """Attributes of an open store, with JSON-encoded values decoded."""
+    return {key: _decode(value) for key, value in f.attrs.items()}
 
 
 def _decode(value):

@@ -155,15 +155,16 @@ class TeacherCache:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.attrs = store.read_attrs(self.path)
-        with store.reading(self.path) as f:
+        with store.reading(self.path) as f:  # one open for the attributes, the rows and the texts
+            self.attrs = store.attributes(f)
             image_emb, self.view_params = f["image_emb"][()], f["view_params"][()]
             damaged = damaged_blocks(f, image_emb, self.view_params)
+            self.classifier, self.ensemble, self.anchor_emb = (
+                torch.from_numpy(f[name][()]).float() for name in ("classifier", "rise_classifier", "anchor_emb"))
         if damaged:
             raise UserError(f"{self.path} is damaged: {len(damaged)} blocks of rows do not match their "
                             f"checksums; {store.repair_hint(self.path)} (only those blocks are recomputed)")
         self.image_emb = torch.from_numpy(image_emb)  # float16
-        self.classifier = torch.from_numpy(store.read(self.path, "classifier")).float()
         self.n_views = self.image_emb.shape[1]
         self.anchor_names = self.attrs["anchor_names"]
 
@@ -181,6 +182,4 @@ class TeacherCache:
     def text(self, anchors: list) -> TextTargets:
         """The text targets, with RISE's anchors restricted to the given anchor names."""
         chosen = [self.anchor_names.index(a) for a in anchors]
-        return TextTargets(classifier=self.classifier,
-                           ensemble=torch.from_numpy(store.read(self.path, "rise_classifier")).float(),
-                           anchors=torch.from_numpy(store.read(self.path, "anchor_emb"))[:, chosen].float())
+        return TextTargets(classifier=self.classifier, ensemble=self.ensemble, anchors=self.anchor_emb[:, chosen])
