@@ -13,7 +13,8 @@ CLASSES = ("circle", "cross", "square", "star", "triangle")
 DOMAINS = ("cartoon", "photo", "pixel", "sketch")
 # Styles only the demo teacher's pre-training sees, like the breadth of web images.
 EXTRA_STYLES = ("painting", "neon")
-# Shapes only the demo student's pre-training sees (drawn only as photos): its "ImageNet".
+# Shapes the demo dataset never shows: the demo student's pre-training classes (as photos only, its
+# "ImageNet") and part of the teacher's vocabulary.
 EXTRA_SHAPES = ("arrow", "diamond", "heart", "hexagon", "moon", "pentagon", "ring", "semicircle")
 # Each class comes in variants that the labels do not name and the teacher's captions do, as CLIP
 # knows "an oval" or "a four-pointed star" beyond a benchmark's class names: what the teacher knows
