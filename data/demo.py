@@ -16,9 +16,9 @@ EXTRA_STYLES = ("painting", "neon")
 # Shapes the demo dataset never shows: the demo student's pre-training classes (as photos only, its
 # "ImageNet") and part of the teacher's vocabulary.
 EXTRA_SHAPES = ("arrow", "diamond", "heart", "hexagon", "moon", "pentagon", "ring", "semicircle")
-# Each class comes in variants that the labels do not name and the teacher's captions do, as CLIP
-# knows "an oval" or "a four-pointed star" beyond a benchmark's class names: what the teacher knows
-# beyond the labels, which only distillation can pass on. Variant 0 is the plain class shape.
+# Each class comes in variants that the labels do not name and the teacher's captions do, as a real
+# class covers shapes that CLIP has other words for; they make the classes harder to tell apart
+# across styles. Variant 0 is the plain class shape.
 VARIANTS = {"circle": ("round", "oval"), "cross": ("thick", "thin"), "square": ("regular", "long"),
             "star": ("five-pointed", "four-pointed", "six-pointed"), "triangle": ("regular", "right")}
 # Background tints are drawn at random. Background patterns are drawn at random in the teacher's

@@ -3,9 +3,8 @@
 The analogue of web-scale CLIP pre-training for the built-in demo: captions such as "a sketch of
 a right triangle." over every demo style plus styles the demo dataset never shows, so the teacher
 generalises across styles the way CLIP does across domains, and over a vocabulary broader than the
-demo's labels (every class's variants, and shapes the demo never shows), so its embeddings know
-more than the labels do. Images are drawn with seeds
-disjoint from the demo dataset's. Reproduce the shipped checkpoint with
+demo's labels (every class's variants, and shapes the demo never shows), as CLIP's is. Images are
+drawn with seeds disjoint from the demo dataset's. Reproduce the shipped checkpoint with
 
     python -m data.pretrain_teacher
 

@@ -41,8 +41,8 @@ def test_shipped_demo_teacher_loads_and_generalises_across_styles():
 
 
 def test_shipped_demo_teacher_knows_the_variants_the_labels_do_not_name():
-    """What distillation can pass on and the labels cannot: within each class, the teacher tells its
-    variants apart zero-shot ("a photo of a four-pointed star." against the other stars)."""
+    """As the README says: within each class, the teacher tells its variants apart zero-shot ("a
+    photo of a four-pointed star." against the other stars), which its captions taught it."""
     teacher = OpenClipTeacher(DEMO_TEACHER)
     right = total = 0
     for c, (shape, variants) in enumerate(demo.VARIANTS.items()):
