@@ -89,7 +89,8 @@ def build_model(teacher, model_name: str):
             raise
         except Exception as e:  # PIL raises many types on corrupt data
             raise InvalidInput(f"image {i}: cannot decode PNG: {str(e)[:200]}")
-        return teacher.input_spec(image)  # the teacher's own preprocessing; at its size the resize is a copy
+        with image:  # the teacher's own preprocessing; at its size the resize is a copy
+            return teacher.input_spec(image)
 
     class OpenClipService(kserve.Model):
         def __init__(self):

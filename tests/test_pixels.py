@@ -300,7 +300,6 @@ def _resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
 def _fixed_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold at 128 kB, so every batch buffer is mapped and unmapped on its
     own: the dynamic threshold would otherwise move freed batches into a heap arena whose resident
