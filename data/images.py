@@ -13,13 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cache.errors import BadImage
 from data import views
 
 Image.MAX_IMAGE_PIXELS = 16_000 * 16_000  # larger images are refused as decompression bombs
-
-
-class BadImage(Exception):
-    """An image that cannot be used; the message is the reason recorded in the index."""
 
 
 DECODE_SECONDS = 30.0  # a file that takes longer to decode is skipped, never hangs the run

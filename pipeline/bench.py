@@ -28,6 +28,7 @@ from stages.extract import VIEWS, Extract
 from stages.pixels import StudentPixels
 from stages.methods import BENCH_METHOD, DEFAULT_METHOD, METHODS, Batch
 from stages.student import create_backbone, feature_dim
+from stages.teacher import teacher_of_cache
 
 TARGETS = {"extract_efficiency": (">=", 0.90), "cached_step_overhead": ("<=", 1.10),
            "online_fraction_of_ideal": (">=", 0.95), "align_speedup": (">=", 100.0),
@@ -81,7 +82,7 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         extract_ips = n_images / summary["seconds"]
         cache = TeacherCache(run.teacher_cache)
         index = run.load_index()
-        model = distill_stage.cached_teacher(cache)
+        model = teacher_of_cache(cache)
 
         # The teacher alone, on tensors already decoded and preprocessed: images (all K views) per second.
         dataset = ReplayImages(index.root, index.paths, cache.view_params, model.input_spec)
@@ -180,6 +181,7 @@ def _data_path_ms(folder: Path, views: int, n_images: int = 48, size: int = 224)
     """CPU per training image at ``size`` px from 500x375 JPEGs (quality 90), in one process:
     decode, render, resize and normalise every step, against reading the pixel cache."""
     from PIL import Image
+    from cache import pixel_cache
     from data import pixels
     from data.views import InputSpec, sample_views
 
@@ -194,7 +196,7 @@ def _data_path_ms(folder: Path, views: int, n_images: int = 48, size: int = 224)
     params = np.stack([sample_views(p, 500, 375, views, seed=0) for p in paths])
     items = np.arange(n_images) * views + rng.integers(1, max(views, 2), n_images) % views
     replay = ReplayImages(root, paths, params, spec)
-    pixels.build(folder / "pixels.h5", root, paths, params, spec, source=pixels.source_identity(params, "bench"))
+    pixels.build(folder / "pixels.h5", root, paths, params, spec, source=pixel_cache.source_identity(params, "bench"))
     cached = pixels.PixelImages(folder / "pixels.h5")
     batches = [items[i:i + 16].tolist() for i in range(0, n_images, 16)]
     read = _cpu_ms(lambda: [None for _ in pixels.PixelBatches(cached, batches)], n_images)

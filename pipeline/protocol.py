@@ -21,7 +21,7 @@ from stages.align import run_alignment
 from stages.distill import Distill
 from stages.evaluate import Evaluate
 from stages.extract import Extract
-from stages.methods import BACKBONE, METHODS, TEACHER
+from stages.methods import METHODS
 
 
 def parse_list(text: str, name: str) -> list:
@@ -36,10 +36,10 @@ def variant_name(hparams: dict) -> str:
     return "-".join(f"{k}{v:g}" for k, v in hparams.items())
 
 
-def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
-            workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
-            pixel_cache: str = "raw", jobs: int = 1) -> str:
-    settings = dict(config.REAL if data_root else config.DEMO)
+def resolve_settings(real_data: bool, overrides: dict, methods: str | None, seeds: str,
+                     preset: str | None) -> tuple[dict, list, list]:
+    """(settings, methods, seeds) of a run: the demo's or a user's defaults, the preset, the options."""
+    settings = dict(config.REAL if real_data else config.DEMO)
     if preset is not None:
         if preset not in config.PRESETS:
             raise UserError(f"unknown preset '{preset}'; choose from {', '.join(config.PRESETS)}")
@@ -54,6 +54,13 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         seed_list = [int(s) for s in parse_list(seeds, "seeds")]
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got '{seeds}'")
+    return settings, chosen_methods, seed_list
+
+
+def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
+            workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
+            pixel_cache: str = "raw", jobs: int = 1) -> str:
+    settings, chosen_methods, seed_list = resolve_settings(data_root is not None, overrides, methods, seeds, preset)
     run = RunFolder(run_dir or config.DEMO_RUN)
     timings = {}
     timed = partial(_timed, timings)
@@ -74,17 +81,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         grid = Grid(settings=settings, methods=chosen_methods, first_seed=seed_list[0],
                     n_sources=len(index.domains) - 1, cutmix=cutmix, pixel_cache=pixel_cache, workers=workers,
                     force=force)
-        units = [(holdout, seed) for holdout in chosen for seed in seed_list]
-        if jobs == 1:
-            done = [run_unit(run.root, grid, *unit) for unit in units]
-        else:  # independent trainings side by side: each stage locks only its own folder
-            say(f"run: {len(units)} (held-out domain, seed) trainings over {jobs} processes")
-            devices = multiprocessing.get_context("spawn").Manager().Queue()
-            for i in range(jobs):
-                devices.put(i % torch.cuda.device_count() if torch.cuda.device_count() else None)
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_one_device, initargs=(devices, jobs)) as pool:
-                done = list(pool.map(run_unit, [run.root] * len(units), [grid] * len(units), *zip(*units)))
+        done = run_units(run, grid, [(holdout, seed) for holdout in chosen for seed in seed_list], jobs)
         results = [r for unit in done for r in unit["results"]]
         sweeps = [s for unit in done for s in unit["sweeps"]]
         official = sum(unit["official"] for unit in done)
@@ -111,6 +108,20 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
     say(f"run: table saved to {run.table}" + (f" and {run.table.with_suffix('.png')}" if plotted else "")
              + f"; every result in {run.results}")
     return text
+
+
+def run_units(run, grid: "Grid", units: list, jobs: int) -> list:
+    """Every (held-out domain, seed) unit, in this process or in ``jobs`` processes side by side
+    (each stage locks only its own folder)."""
+    if jobs == 1:
+        return [run_unit(run.root, grid, *unit) for unit in units]
+    say(f"run: {len(units)} (held-out domain, seed) trainings over {jobs} processes")
+    devices = multiprocessing.get_context("spawn").Manager().Queue()
+    for i in range(jobs):
+        devices.put(i % torch.cuda.device_count() if torch.cuda.device_count() else None)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_device, initargs=(devices, jobs)) as pool:
+        return list(pool.map(run_unit, [run.root] * len(units), [grid] * len(units), *zip(*units)))
 
 
 @dataclass
@@ -170,21 +181,17 @@ def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
         points = preset_settings.get("grid") or [{}]
         selected = {"variant": None}
         if method.trains:
-            on_cache = method.student == TEACHER  # a linear problem on the cache, like align
-            own = ({**student, "student": aligned} if method.needs_alignment else student) \
-                if method.student == BACKBONE else {}
+            own = method.run_options(student, aligned)
             candidates = []
             for point in points:  # a preset's sweep: every point from the same cache
                 variant = variant_name(point) if len(points) > 1 else None
-                distill = Distill(run, name, holdout, **own, seed=seed, cutmix=0.0 if on_cache else grid.cutmix,
-                                  hparams={**hparams, **point}, anchors=preset_settings.get("anchors", "domains"),
-                                  variant=variant, pixel_cache=grid.pixel_cache,
-                                  **{**train, "steps": settings["align_steps"] if on_cache else settings["steps"]})
+                distill = Distill(run, name, holdout, **own, seed=seed, hparams={**hparams, **point},
+                                  anchors=preset_settings.get("anchors", "domains"), variant=variant,
+                                  pixel_cache=grid.pixel_cache, **{**train, **method.schedule(settings, grid.cutmix)})
                 summary = timed("distill", lambda: stage.run(distill, force))
                 candidates.append({"variant": variant, "hparams": point,
                                    "best_source_val_acc": summary["best_source_val_acc"]})
-                if method.student == BACKBONE:
-                    trained_key = distill.key
+                trained_key = distill.key
             # selected by source validation alone (the first on ties; no test-set tie-break)
             selected = max(candidates, key=lambda c: c["best_source_val_acc"])
             if len(points) > 1:
@@ -194,7 +201,7 @@ def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
                     f"of {len(points)} by source validation ({100 * selected['best_source_val_acc']:.1f}%)")
         for model in method.models():
             result = timed("evaluate", lambda: stage.run(Evaluate(
-                run, name, holdout, student=trained_key if method.student == BACKBONE else None,
+                run, name, holdout, student=trained_key,
                 seed=seed, model=model, workers=workers, variant=selected["variant"]), force, quiet=True))
             results.append(result)
             say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "

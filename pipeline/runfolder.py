@@ -12,6 +12,7 @@ RUN/table.md                      the results table of `pipeline run`
 
 Every stage folder also holds its ``manifest.json`` (``cache/manifest.py``).
 """
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,10 @@ class RunFolder:
 
     def features_dir(self, student: str) -> Path:
         return self.root / "features" / student
+
+    def aligned_student_description(self, student: str) -> dict:
+        """The description (model, weights, size) of a student whose features were cached."""
+        return json.loads((self.features_dir(student) / "student.json").read_text())
 
     def align_dir(self, student: str, holdout: str) -> Path:
         return self.root / "align" / student / holdout

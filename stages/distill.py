@@ -10,7 +10,6 @@ At every validation the whole training state is checkpointed (temp file, then re
 that was killed continues from there and ends with the same weights as an uninterrupted run.
 """
 import copy
-import json
 import os
 import time
 from pathlib import Path
@@ -32,12 +31,11 @@ from data.sampling import BalancedViewSampler
 from stages import distributed, stage
 from stages.fit import require_finite, source_val_accuracy
 from stages.pixels import FORMS as PIXEL_FORMS, StudentPixels
-from stages.methods import BACKBONE, TEACHER, TEACHER_TOWER, Batch, method_named
+from stages.methods import Batch, TrainJob, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage, require_positive, require_rates, save_outputs
-from stages.student import create_backbone, feature_dim, resolved_weights, student_key
-from stages.swad import LossValley, RunningAverage, Segment, restarts_segment
-from stages.teacher import OpenClipTeacher
+from stages.swad import SwadTracker
+from stages.teacher import teacher_of_cache
 
 
 class Distill(Stage):
@@ -63,13 +61,12 @@ class Distill(Stage):
             raise UserError(f"{method} has nothing to train; evaluate it directly")
         if not 0.0 <= cutmix <= 1.0:
             raise UserError(f"--cutmix is a probability in [0, 1], got {cutmix}")
-        if teacher_online and self.method.student == TEACHER:
-            raise UserError(f"--teacher-online applies to student methods, not {method}")
-        self.run, self.holdout, self.seed, self.workers, self.anchors = run, holdout, seed, workers, anchors
+        self.run, self.holdout, self.seed, self.workers = run, holdout, seed, workers
         self.index = run.load_index()
         self.sources, self.train_rows, self.val_rows = self.index.sources(holdout)
-        self.key, self.student = resolve_student(run, self.method, holdout, student, student_weights, student_size)
+        self.key, self.student = self.method.resolve(run, holdout, student, student_weights, student_size)
         self.inputs = run.teacher_cache_input()
+        self.projection = None
         if self.method.needs_alignment:
             self.projection = run.align_dir(self.key, holdout) / "projection.safetensors"
             self.inputs[run.rel(self.projection)] = run.output_hash(self.projection)
@@ -87,113 +84,56 @@ class Distill(Stage):
 
     def check(self) -> None:
         rank, world = distributed.world()
-        c = self.config
-        if self.method.student != TEACHER and (c["per_domain"] * len(self.sources)) % world:
-            raise UserError(f"--per-domain {c['per_domain']} x {len(self.sources)} source domains must split "
-                            f"evenly over {world} processes")
+        self.method.check_settings(per_domain=self.config["per_domain"], n_sources=len(self.sources), world=world,
+                                   teacher_online=self.teacher_online)
 
     def compute(self) -> dict | None:
-        c, cache = self.config, TeacherCache(self.run.teacher_cache)
+        cache = TeacherCache(self.run.teacher_cache)
         started = time.time()
-        if self.method.student == TEACHER:
-            state, log = self.method.fit(cache.image_emb, torch.as_tensor(self.index.label), self.train_rows,
-                                         self.val_rows, steps=c["steps"], per_domain=c["per_domain"],
-                                         seed=self.seed, eval_every=c["eval_every"], **self.hparams)
-            weights = {"best": state}
-        else:
-            text = cache.text(anchor_names(cache, self.sources, self.anchors))
-            model, spec = build_student(self.method, self.student, cache, text, teacher_weights=True)
-            if self.method.needs_alignment:
-                model.projection.load_state_dict(load_file(self.projection))
-            # Frozen BatchNorm keeps pre-trained statistics; a random-init student has none to keep
-            random_init = self.student.get("student_weights") == "none"
-            trainer = self.method(model, text, c["steps"], freeze_batchnorm=False if random_init else None,
-                                  **self.hparams)
-            online = OnlineTargets(cached_teacher(cache)) if self.teacher_online else None
-            pixel_spec = None
-            if self.pixel_cache != "none" and online is None:  # the exact same pixels, rendered once
-                pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
-                if distributed.is_main():  # under torchrun rank 0 renders; the others read once it is done
-                    stage.run(pixels, quiet=True)
-                distributed.barrier()
-                dataset, pixel_spec = pixels.dataset(), spec
-            else:
-                dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
-                                       teacher_spec=online.teacher.input_spec if online else None)
-            cutmix_note = f", CutMix p={c['cutmix']}" if c["cutmix"] else ""
-            say(f"distill: {self.method.name}, {self.student['student']} on {', '.join(self.sources)} -> held-out "
-                f"'{self.holdout}', {c['steps']} steps of {c['per_domain']} images per domain"
-                f"{', SWAD' if self.swad else ''}{cutmix_note}")
-            resume = self.folder / "resume.pt"
-            if self.force:
-                resume.unlink(missing_ok=True)
-            rank, world = distributed.world()
-            weights, log = train(trainer, dataset, cache, self.index.label, self.train_rows, self.val_rows,
-                                 steps=c["steps"], per_domain=c["per_domain"], seed=self.seed,
-                                 eval_every=c["eval_every"], workers=self.workers, cutmix_p=c["cutmix"],
-                                 swad=self.swad, resume_path=resume,
-                                 resume_key=sha256_json({"config": c, "inputs": self.inputs}), online=online,
-                                 rank=rank, world=world, pixel_spec=pixel_spec)
-            if not distributed.is_main():
-                return None  # checkpoints and results are written once, by rank 0
-        self.outputs = save_outputs(self.folder, weights, {**c, "holdout": self.holdout, "sources": self.sources,
-                                                           "student_key": self.key}, log)
+        job = TrainJob(cache=cache, labels=torch.as_tensor(self.index.label), train_rows=self.train_rows,
+                       val_rows=self.val_rows, sources=self.sources, student=self.student, config=self.config,
+                       hparams=self.hparams, projection=load_file(self.projection) if self.projection else None,
+                       train=lambda trainer, spec: self._train(trainer, spec, cache))
+        weights, log = self.method.fit(job)
+        if not distributed.is_main():
+            return None  # checkpoints and results are written once, by rank 0
+        self.outputs = save_outputs(self.folder, weights, {**self.config, "holdout": self.holdout,
+                                                           "sources": self.sources, "student_key": self.key}, log)
         (self.folder / "resume.pt").unlink(missing_ok=True)
         return {**log[-1], "seconds": round(time.time() - started, 1)}
+
+    def _train(self, trainer, spec, cache) -> tuple:
+        """The training loop over replayed views at ``spec``: ({name: state}, log)."""
+        c = self.config
+        online = OnlineTargets(teacher_of_cache(cache)) if self.teacher_online else None
+        pixel_spec = None
+        if self.pixel_cache != "none" and online is None:  # the exact same pixels, rendered once
+            pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
+            if distributed.is_main():  # under torchrun rank 0 renders; the others read once it is done
+                stage.run(pixels, quiet=True)
+            distributed.barrier()
+            dataset, pixel_spec = pixels.dataset(), spec
+        else:
+            dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
+                                   teacher_spec=online.teacher.input_spec if online else None)
+        cutmix_note = f", CutMix p={c['cutmix']}" if c["cutmix"] else ""
+        say(f"distill: {self.method.name}, {self.student['student']} on {', '.join(self.sources)} -> held-out "
+            f"'{self.holdout}', {c['steps']} steps of {c['per_domain']} images per domain"
+            f"{', SWAD' if self.swad else ''}{cutmix_note}")
+        resume = self.folder / "resume.pt"
+        if self.force:
+            resume.unlink(missing_ok=True)
+        rank, world = distributed.world()
+        return train(trainer, dataset, cache, self.index.label, self.train_rows, self.val_rows,
+                     steps=c["steps"], per_domain=c["per_domain"], seed=self.seed,
+                     eval_every=c["eval_every"], workers=self.workers, cutmix_p=c["cutmix"],
+                     swad=self.swad, resume_path=resume,
+                     resume_key=sha256_json({"config": c, "inputs": self.inputs}), online=online,
+                     rank=rank, world=world, pixel_spec=pixel_spec)
 
     def published(self, summary: dict) -> None:
         say(f"distill: {self.method.name} held-out '{self.holdout}': best source-val accuracy "
             f"{summary['best_source_val_acc']:.3f} at step {summary['best_step']} ({summary['seconds']} s)")
-
-
-def resolve_student(run, method, holdout: str, student: str | None, student_weights: str,
-                    student_size) -> tuple[str, dict]:
-    """(folder key, description) of the student ``method`` trains for ``holdout``.
-
-    ``student``: a timm model name; for methods that start from an alignment (or when omitted),
-    it picks among the students aligned for ``holdout``.
-    """
-    if method.student in (TEACHER, TEACHER_TOWER):
-        return method.student, {"student": method.student}
-    if method.needs_alignment or student is None:
-        key = run.aligned_student(holdout, student if method.needs_alignment else None)
-        return key, json.loads((run.features_dir(key) / "student.json").read_text())
-    return student_key(student, student_weights, student_size), {
-        "student": student, "student_weights": student_weights, "student_size": student_size,
-        "resolved_weights": resolved_weights(student, student_weights)}
-
-
-def cached_teacher(cache: TeacherCache, weights: bool = True) -> OpenClipTeacher:
-    """The teacher the cache was made with (its architecture only, without ``weights``)."""
-    if str(cache.attrs["teacher"]).startswith("remote:"):
-        raise UserError(f"this cache was extracted from a remote teacher service ({cache.attrs['teacher']}); this "
-                        f"needs the teacher's weights (white-box); a remote teacher has none: extract with a "
-                        f"local --teacher NAME --pretrained TAG instead")
-    teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if weights else None,
-                              device=str(device()))
-    if weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:
-        raise UserError(f"the teacher checkpoint changed since extraction ({cache.attrs['teacher']}, "
-                        f"{cache.attrs['pretrained']}); this needs the teacher the cache was made with")
-    return teacher
-
-
-def build_student(method, student: dict, cache: TeacherCache, text, teacher_weights: bool):
-    """The method's model (untrained head) and its input spec, from a student description."""
-    if method.student == TEACHER_TOWER:
-        teacher = cached_teacher(cache, weights=teacher_weights)
-        return method.build(teacher.model.visual.float(), cache.dim, text), teacher.input_spec
-    assert method.student == BACKBONE
-    backbone, spec = create_backbone(student["student"], student["student_weights"], student["student_size"])
-    return method.build(backbone, feature_dim(backbone), text), spec
-
-
-def anchor_names(cache: TeacherCache, sources: list, anchors: str) -> list:
-    """RISE's relative-distance anchors: the source-domain names, or the generic photo anchors."""
-    if anchors == "domains":
-        return sources
-    if anchors == "generic":
-        return cache.generic_anchors()
-    raise UserError(f"--anchors must be 'domains' or 'generic', got '{anchors}'")
 
 
 class OnlineTargets:
@@ -208,12 +148,91 @@ class OnlineTargets:
         return self.teacher.encode_images(teacher_pixels)
 
 
+class BatchSource:
+    """The one place where sampled items become ``Batch``es on the training device (as timm's
+    PrefetchLoader): uint8 pixel-cache reads normalised there, or replayed views; the teacher's
+    targets from the cache, or with ``online`` from the teacher itself."""
+
+    def __init__(self, dataset, cache, labels, run_device: torch.device, *, online=None,
+                 pixel_spec: InputSpec | None = None, workers: int = 0):
+        self.dataset, self.cache, self.device, self.online = dataset, cache, run_device, online
+        self.labels, self.pixel_spec, self.workers = torch.as_tensor(labels), pixel_spec, workers
+
+    def batch(self, items, pixels, *teacher_pixels) -> Batch:
+        if self.pixel_spec is not None:  # uint8 from the pixel cache, normalised on the training device
+            images = normalise(pixels, self.pixel_spec, self.device)
+        else:
+            images = pixels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = self.online(items, teacher_pixels[0]) if self.online is not None else self.cache.targets(items)
+        return Batch(images, self.labels[items // self.dataset.n_views].to(self.device),
+                     targets.to(self.device, non_blocking=True))
+
+    def training(self, sampler):
+        """Batches for the batches of ``sampler``, read ahead."""
+        pin = self.device.type == "cuda"
+        if self.pixel_spec is not None:  # reads ahead in a thread: no worker processes, no copies between them
+            batches = PixelBatches(self.dataset, sampler, pin_memory=pin)
+        else:
+            batches = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
+                                                  pin_memory=pin, persistent_workers=self.workers > 0)
+        return (self.batch(items, *pixels) for items, *pixels in batches)
+
+    def evaluation(self, rows):
+        """Batches of the evaluation view (view 0) of ``rows``, in order."""
+        eval_items = np.asarray(rows) * self.dataset.n_views
+        return (self.batch(items, *pixels) for items, *pixels in loader(self.dataset, eval_items, 128, 0))
+
+
+class TrainingState:
+    """Everything a resume restores: the model, optimiser, schedule, random generators, the best
+    model so far, the log and SWAD's bookkeeping. Saved at every validation (temp file, then rename)."""
+
+    def __init__(self, method, model, rng: np.random.Generator, swad: SwadTracker | None, path, key: str,
+                 writer: bool = True):
+        self.method, self.model, self.rng, self.swad, self.path, self.key = method, model, rng, swad, path, key
+        self.writer = writer  # under torchrun every rank restores and rank 0 alone saves
+        self.best, self.log, self.step = (-1.0, None, 0), [], 0
+
+    def restore(self) -> None:
+        """Continue from the saved state, if there is one for this exact configuration."""
+        if self.path is None or not Path(self.path).exists():
+            return
+        saved = torch.load(self.path, weights_only=True)  # tensors and plain containers only: no code runs
+        if saved.get("key") != self.key or ("swad" not in saved and self.swad is not None):
+            return  # another configuration's state, or one saved before SWAD's state had its own key
+        self.model.load_state_dict(saved["model"])
+        self.method.optimizer.load_state_dict(saved["optimizer"])
+        if self.method.scheduler is not None:
+            self.method.scheduler.load_state_dict(saved["scheduler"])
+        self.rng.bit_generator.state = saved["cutmix_rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        self.best, self.log, self.step = tuple(saved["best"]), saved["log"], saved["step"]
+        if self.swad is not None:
+            self.swad.load_state_dict(saved["swad"])
+
+    def save(self, step: int) -> None:
+        if self.path is None or not self.writer:
+            return
+        scheduler = self.method.scheduler
+        state = {"key": self.key, "step": step, "model": self.model.state_dict(),
+                 "optimizer": self.method.optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "cutmix_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                 "best": list(self.best), "log": self.log,
+                 "swad": self.swad.state_dict() if self.swad is not None else None}
+        tmp = Path(str(self.path) + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
 def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
-            val_rows_by_domain: list, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
-            workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
-            swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
-            online: OnlineTargets | None = None, rank: int = 0, world: int = 1,
-            pixel_spec: InputSpec | None = None) -> tuple[dict, list]:
+          val_rows_by_domain: list, *, steps: int, per_domain: int, seed: int = 0, eval_every: int = 100,
+          workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
+          swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
+          online: OnlineTargets | None = None, rank: int = 0, world: int = 1,
+          pixel_spec: InputSpec | None = None) -> tuple[dict, list]:
     """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log).
 
     Targets come from ``cache``, or with ``online`` from the teacher itself (``dataset`` then
@@ -228,6 +247,51 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
     """
     torch.manual_seed(seed)
     run_device = device()
+    model = _placed(method, run_device, world)
+    rng = np.random.default_rng([seed, 1])
+    tracker = SwadTracker(**(swad_valley or {})) if swad else None
+    state = TrainingState(method, model, rng, tracker, resume_path, resume_key, writer=rank == 0)
+    state.restore()
+    first_step = state.step
+    source = BatchSource(dataset, cache, labels, run_device, online=online, pixel_spec=pixel_spec, workers=workers)
+    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step,
+                                  rank=rank, world=world)
+    kept = f"the last good state is kept in {resume_path}" if resume_path else "nothing was saved"
+    losses, started, train_seconds = [], time.time(), 0.0
+    with progress(total=steps, initial=first_step, desc=f"distill {method.name}", unit="step") as bar, \
+            StopFlag() as stop:
+        step_started = time.perf_counter()
+        for step, batch in enumerate(source.training(sampler), start=first_step + 1):
+            if cutmix_p and rng.random() < cutmix_p:
+                mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
+                batch = Batch(mixed, batch.labels, batch.image_emb, batch.labels[perm], batch.image_emb[perm], mix)
+            losses.append(_global_mean(method.update(batch)["loss"], world))
+            require_finite(losses[-1], step, kept)
+            if tracker is not None:
+                tracker.add(model.state_dict())
+            bar.update(1)
+            train_seconds += time.perf_counter() - step_started
+            if step % eval_every == 0 or step == steps:
+                acc, val_loss = validate(method, source, val_rows_by_domain)
+                state.log.append({"step": step, "loss": round(float(np.mean(losses)), 5), "source_val_acc": acc,
+                                  "source_val_loss": round(val_loss, 5), "seconds": round(time.time() - started, 1)})
+                losses = []
+                bar.set_postfix(loss=state.log[-1]["loss"], val=f"{acc:.3f}")
+                if acc > state.best[0]:
+                    state.best = (acc, copy.deepcopy(model.state_dict()), step)
+                if tracker is not None and tracker.validated(step, val_loss):
+                    break
+                state.save(step)
+                if stop.requested:
+                    raise Interrupted(f"distill: interrupted at step {step} of {steps}; the state is saved, "
+                                      f"run the same command again to continue")
+            step_started = time.perf_counter()
+    return _final_weights(method, model, source, val_rows_by_domain, state, tracker, online,
+                          train_seconds / max(state.log[-1]["step"] - first_step, 1))
+
+
+def _placed(method, run_device: torch.device, world: int) -> torch.nn.Module:
+    """The method's model on the training device (channels-last on CUDA; DDP under torchrun)."""
     model = method.model.to(run_device)
     if run_device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -235,120 +299,37 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
         if run_device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         method.ddp = torch.nn.parallel.DistributedDataParallel(model)
-    labels_t = torch.as_tensor(labels)
-    rng = np.random.default_rng([seed, 1])
-    valley = LossValley(**(swad_valley or {})) if swad else None
-    segment, segment_start = RunningAverage(), 1
-    best, log, losses, first_step = (-1.0, None, 0), [], [], 0
+    return model
 
-    saved = _load_resume(resume_path, resume_key)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        method.optimizer.load_state_dict(saved["optimizer"])
-        if method.scheduler is not None:
-            method.scheduler.load_state_dict(saved["scheduler"])
-        rng.bit_generator.state = saved["cutmix_rng"]
-        torch.set_rng_state(saved["torch_rng"])
-        best, log, first_step = tuple(saved["best"]), saved["log"], saved["step"]
-        if swad:
-            valley.load_state_dict(saved["valley"])
-            segment, segment_start = RunningAverage.from_state_dict(saved["segment"]), saved["segment_start"]
 
-    def checkpoint(step: int) -> None:
-        if resume_path is None or rank != 0:
-            return
-        state = {"key": resume_key, "step": step, "model": model.state_dict(),
-                 "optimizer": method.optimizer.state_dict(),
-                 "scheduler": method.scheduler.state_dict() if method.scheduler is not None else None,
-                 "cutmix_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                 "best": list(best), "log": log, "valley": valley.state_dict() if swad else None,
-                 "segment": segment.state_dict() if swad else None, "segment_start": segment_start}
-        tmp = Path(str(resume_path) + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, resume_path)
+def validate(method, source: BatchSource, val_rows_by_domain: list) -> tuple[float, float]:
+    """Source-validation accuracy and loss: each the mean over the source domains."""
+    correct, domain_losses = [], []
+    for rows in val_rows_by_domain:
+        hits, total_loss = [], 0.0
+        for batch in source.evaluation(rows):
+            logits, loss = method.score(batch)
+            hits.append((logits.argmax(-1) == batch.labels).cpu().numpy())
+            total_loss += loss * len(batch.labels)
+        correct.append(np.concatenate(hits))
+        domain_losses.append(total_loss / len(rows))
+    return source_val_accuracy(correct), float(np.mean(domain_losses))
 
-    def to_device(pixels) -> torch.Tensor:
-        if pixel_spec is not None:  # uint8 from the pixel cache, normalised on the training device
-            return normalise(pixels, pixel_spec, run_device)
-        return pixels.to(run_device, non_blocking=True)
 
-    def make_batch(items, pixels, *teacher_pixels) -> Batch:
-        images = to_device(pixels)
-        if run_device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = online(items, teacher_pixels[0]) if online is not None else cache.targets(items)
-        return Batch(images, labels_t[items // dataset.n_views].to(run_device),
-                     targets.to(run_device, non_blocking=True))
-
-    def validate() -> tuple[float, float]:
-        """Source-validation accuracy and loss: each the mean over the source domains."""
-        correct, domain_losses = [], []
-        for rows in val_rows_by_domain:
-            hits, total_loss = [], 0.0
-            for items, *pixels in loader(dataset, np.asarray(rows) * dataset.n_views, 128, 0):
-                batch = make_batch(items, *pixels)
-                logits, loss = method.score(batch)
-                hits.append((logits.argmax(-1) == batch.labels).cpu().numpy())
-                total_loss += loss * len(items)
-            correct.append(np.concatenate(hits))
-            domain_losses.append(total_loss / len(rows))
-        return source_val_accuracy(correct), float(np.mean(domain_losses))
-
-    sampler = BalancedViewSampler(train_rows_by_domain, per_domain, dataset.n_views, seed, steps, first_step,
-                                  rank=rank, world=world)
-    if pixel_spec is not None:  # reads ahead in a thread: no worker processes, no copies between them
-        batches = PixelBatches(dataset, sampler, pin_memory=run_device.type == "cuda")
-    else:
-        batches = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                              pin_memory=run_device.type == "cuda", persistent_workers=workers > 0)
-    started, train_seconds = time.time(), 0.0
-    with progress(total=steps, initial=first_step, desc=f"distill {method.name}", unit="step") as bar, \
-            StopFlag() as stop:
-        step_started = time.perf_counter()
-        for step, (items, *pixels) in enumerate(batches, start=first_step + 1):
-            batch = make_batch(items, *pixels)
-            if cutmix_p and rng.random() < cutmix_p:
-                mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
-                batch = Batch(mixed, batch.labels, batch.image_emb, batch.labels[perm], batch.image_emb[perm], mix)
-            losses.append(_global_mean(method.update(batch)["loss"], world))
-            require_finite(losses[-1], step, f"the last good state is kept in {resume_path}" if resume_path
-                           else "nothing was saved")
-            if swad:
-                segment.add(model.state_dict())
-            bar.update(1)
-            train_seconds += time.perf_counter() - step_started
-            if step % eval_every == 0 or step == steps:
-                acc, val_loss = validate()
-                log.append({"step": step, "loss": round(float(np.mean(losses)), 5), "source_val_acc": acc,
-                            "source_val_loss": round(val_loss, 5), "seconds": round(time.time() - started, 1)})
-                losses = []
-                bar.set_postfix(loss=log[-1]["loss"], val=f"{acc:.3f}")
-                if acc > best[0]:
-                    best = (acc, copy.deepcopy(model.state_dict()), step)
-                if swad:
-                    frozen = {k: v.clone() for k, v in segment.state.items()}  # the segment may keep growing
-                    valley.update(Segment(frozen, val_loss, segment_start, step))
-                    if valley.dead_valley:
-                        break  # the official trainer stops when the loss valley ends
-                    if restarts_segment(step):
-                        segment, segment_start = RunningAverage(), step + 1
-                checkpoint(step)
-                if stop.requested:
-                    raise Interrupted(f"distill: interrupted at step {step} of {steps}; the state is saved, "
-                                      f"run the same command again to continue")
-            step_started = time.perf_counter()
-    states = {"best": best[1]}
-    summary = {"best_step": best[2], "best_source_val_acc": best[0],
+def _final_weights(method, model, source, val_rows_by_domain, state: TrainingState, tracker, online,
+                   seconds_per_step: float) -> tuple[dict, list]:
+    """The best weights (and SWAD's average, scored on source validation) and the log with its summary."""
+    states = {"best": state.best[1]}
+    summary = {"best_step": state.best[2], "best_source_val_acc": state.best[0],
                "teacher_image_forwards": online.forwards if online is not None else 0,
-               "train_seconds_per_step": round(train_seconds / max(log[-1]["step"] - first_step, 1), 5)}
-    if swad:
+               "train_seconds_per_step": round(seconds_per_step, 5)}
+    if tracker is not None:
         # No BatchNorm re-estimation, as the official code with frozen BatchNorm
-        model.load_state_dict(valley.final_state())
+        model.load_state_dict(tracker.final_state())
         states["swad"] = copy.deepcopy(model.state_dict())
-        acc, val_loss = validate()
-        summary.update(swad_converged=valley.converged, swad_segments=valley.segments_used,
-                       swad_source_val_acc=acc, swad_stopped_at=log[-1]["step"] if valley.dead_valley else None)
-    return states, log + [summary]
+        acc, _ = validate(method, source, val_rows_by_domain)
+        summary.update(tracker.summary(acc, state.log[-1]["step"]))
+    return states, state.log + [summary]
 
 
 def _global_mean(value: float, world: int) -> float:
@@ -358,11 +339,3 @@ def _global_mean(value: float, world: int) -> float:
     total = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     return total.item() / world
-
-
-def _load_resume(path, key: str):
-    """The saved training state, if there is one for this exact configuration."""
-    if path is None or not Path(path).exists():
-        return None
-    saved = torch.load(path, weights_only=True)  # tensors and plain containers only: no code runs
-    return saved if saved.get("key") == key else None

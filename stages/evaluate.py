@@ -17,10 +17,8 @@ from cache.progress import say
 from cache.teacher_cache import TeacherCache
 from data.domainbed import TRAIN, VAL
 from data.images import ReplayImages
-from stages.distill import anchor_names, build_student
-from stages.methods import BACKBONE, TEACHER, method_named
+from stages.methods import ScoreJob, method_named
 from stages.runtime import device, loader
-from stages.student import resolved_weights
 from stages.stage import Stage
 
 
@@ -36,11 +34,10 @@ class Evaluate(Stage):
         self.index.check_holdout(holdout)
         self.inputs = run.teacher_cache_input()
         self.weights = None
+        self.key = self.method.trained_key(run, holdout, student, seed, variant)
         if not self.method.trains:
-            self.key, self.model = TEACHER, "cache"
+            self.model = "cache"
         else:
-            self.key = self.method.student if self.method.student != BACKBONE else \
-                run.trained_student(self.method.name, holdout, student, seed, variant)
             self.weights = run.distill_dir(self.method.name, self.key, holdout, seed, variant) / f"{model}.safetensors"
             digest = run.output_hash(self.weights)
             if digest is None:
@@ -56,22 +53,17 @@ class Evaluate(Stage):
 
     def compute(self) -> dict:
         cache, index = TeacherCache(self.run.teacher_cache), self.index
-        weights_loaded = None  # the student's starting weights, as loaded (e.g. a timm tag)
-        hparams = None         # the hyperparameters it was trained with, as given (defaults omitted)
-        if self.method.student == TEACHER:
-            weights = load_file(self.weights) if self.weights else None
-            metrics = evaluate_cached(self.method.logits_of(weights, cache), cache, index, self.holdout)
-        else:
-            trained = json.loads((self.weights.parent / "config.json").read_text())
-            hparams = trained["hparams"]
-            text = cache.text(anchor_names(cache, trained["sources"], trained["anchors"]))
-            net, spec = build_student(self.method, trained["student"], cache, text, teacher_weights=False)
-            if self.method.student == BACKBONE:
-                weights_loaded = resolved_weights(trained["student"]["student"], trained["student"]["student_weights"])
-            net.load_state_dict(load_file(self.weights))
-            predictor = self.method(net.to(device()), text, 1)
-            dataset = ReplayImages(index.root, index.paths, cache.view_params, spec)
-            metrics = evaluate_student(predictor.predict, dataset, index, self.holdout, self.workers)
+        trained = json.loads((self.weights.parent / "config.json").read_text()) if self.weights else None
+        job = ScoreJob(cache=cache, weights=load_file(self.weights) if self.weights else None, trained=trained,
+                       score_images=lambda predict, spec: evaluate_student(
+                           predict, ReplayImages(index.root, index.paths, cache.view_params, spec), index,
+                           self.holdout, self.workers),
+                       score_embeddings=lambda logits_of: evaluate_cached(logits_of, cache, index, self.holdout))
+        metrics = self.method.evaluate(job)
+        # the student's starting weights as loaded (e.g. a timm tag), and the hyperparameters it was
+        # trained with as given (defaults omitted)
+        weights_loaded = self.method.loaded_weights(trained["student"]) if trained else None
+        hparams = trained["hparams"] if trained else None
         attrs = store.read_attrs(self.run.teacher_cache)
         result = {"method": self.method.name, "model": self.model, "student": self.key,
                   "student_weights": weights_loaded, "hparams": hparams, "teacher": attrs["teacher"],

@@ -1,10 +1,13 @@
 """Methods: everything the pipeline knows about a method lives on its class, registered once.
 
-A method declares where its student comes from (``student``: a timm backbone, the teacher's own
-image tower, or none: the cached teacher itself), what it needs first (``needs_alignment``), its
+A method owns its student: where it comes from (``resolve``: a timm backbone, the teacher's own
+image tower, or none: the cached teacher itself), how it is built, fitted (``fit``) and evaluated
+(``evaluate``), which weights it saves, what it needs first (``needs_alignment``), its
 hyperparameters with their defaults (the ``pipeline distill`` options and their help text are
-derived from them) and the built-in demo's overrides, whether SWAD is on by default (which
-weights it saves and evaluates), and what the official online-teacher code spends on it.
+derived from them) and the built-in demo's overrides, and what the official online-teacher code
+spends on it. ``Distill``, ``Evaluate`` and ``pipeline run`` call these and never ask what kind
+of student a method has; the stage hands the method a job (``TrainJob``, ``ScoreJob``) with
+what only the stage knows (the cache, the rows, how batches of views are made).
 
 Student methods train with ``update`` (one step on a ``Batch``) and answer ``predict``; cache
 methods (zero-shot, probe) work on the cached teacher embeddings alone.
@@ -19,12 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.errors import UserError
-from cache.teacher_cache import TextTargets
+from cache.teacher_cache import TeacherCache, TextTargets
 from stages import losses
 from stages.fit import fit_on_cache
+from stages.runtime import device
+from stages.student import create_backbone, feature_dim, resolved_weights, student_key
+from stages.teacher import teacher_of_cache
 
-# Where a method's student comes from.
-BACKBONE = "backbone"            # a timm model (--student), with a head the method builds
+# The student folder keys of the methods whose student is not a timm backbone.
 TEACHER_TOWER = "teacher-image-tower"  # the teacher's own image tower (white-box: needs its weights)
 TEACHER = "teacher"              # no student: the cached teacher embeddings themselves
 
@@ -56,6 +61,35 @@ class Batch:
     labels_b: torch.Tensor | None = None   # CutMix: the pasted image's targets ...
     image_emb_b: torch.Tensor | None = None
     mix: float = 1.0                  # ... and the unpasted area fraction
+
+
+@dataclass
+class TrainJob:
+    """What a distill stage hands a method to fit: the cache, the rows, the settings, and
+    ``train(trainer, spec)``, the stage's training loop over replayed views at ``spec``."""
+
+    cache: TeacherCache
+    labels: torch.Tensor
+    train_rows: list
+    val_rows: list
+    sources: list
+    student: dict             # the resolved student description (``Method.resolve``)
+    config: dict              # the stage's config: steps, per_domain, seed, eval_every, ...
+    hparams: dict
+    projection: dict | None   # the aligned projection's weights (``needs_alignment``)
+    train: object             # (trainer: Method, spec: InputSpec) -> (weights, log)
+
+
+@dataclass
+class ScoreJob:
+    """What an evaluate stage hands a method to score: the cache, the trained weights and their
+    config, and the two ways of scoring (images at a spec, or cached embeddings)."""
+
+    cache: TeacherCache
+    weights: dict | None      # the saved state dict (None: nothing was trained)
+    trained: dict | None      # the distill stage's config.json
+    score_images: object      # (predict: images -> logits, spec) -> metrics
+    score_embeddings: object  # (logits_of: embeddings -> logits) -> metrics
 
 
 class TextHeadStudent(nn.Module):
@@ -101,7 +135,6 @@ class RiseStudent(nn.Module):
 
 class Method:
     name = ""
-    student = BACKBONE
     needs_alignment = False  # starts from `pipeline align`'s projection
     swad = False             # SWAD weight averaging by default: saves "swad" beside "best"
     in_default_run = True    # part of `pipeline run` without --methods
@@ -124,19 +157,110 @@ class Method:
         one per training image per step of every stage that distils."""
         return steps * batch
 
+    # ---------------------------------------------------------------- the student, for the stages
+
+    @classmethod
+    def resolve(cls, run, holdout: str, student: str | None, student_weights: str, student_size) -> tuple:
+        """(folder key, description) of the student trained for ``holdout``: a timm backbone.
+
+        ``student``: a timm model name; for methods that start from an alignment (or when omitted),
+        it picks among the students aligned for ``holdout``.
+        """
+        if cls.needs_alignment or student is None:
+            key = run.aligned_student(holdout, student if cls.needs_alignment else None)
+            return key, run.aligned_student_description(key)
+        return student_key(student, student_weights, student_size), {
+            "student": student, "student_weights": student_weights, "student_size": student_size,
+            "resolved_weights": resolved_weights(student, student_weights)}
+
+    @classmethod
+    def trained_key(cls, run, holdout: str, student: str | None, seed: int, variant: str | None) -> str:
+        """The student key of a finished training (to evaluate)."""
+        return run.trained_student(cls.name, holdout, student, seed, variant)
+
+    @classmethod
+    def run_options(cls, student: dict, aligned: str | None) -> dict:
+        """`pipeline run`'s student options for this method's distill stage."""
+        return {**student, "student": aligned} if cls.needs_alignment else student
+
+    @classmethod
+    def schedule(cls, settings: dict, cutmix: float) -> dict:
+        """`pipeline run`'s step budget and CutMix for this method."""
+        return {"steps": settings["steps"], "cutmix": cutmix}
+
+    @classmethod
+    def check_settings(cls, *, per_domain: int, n_sources: int, world: int, teacher_online: bool) -> None:
+        """Refuse settings this method cannot train with (before anything is recomputed)."""
+        if (per_domain * n_sources) % world:
+            raise UserError(f"--per-domain {per_domain} x {n_sources} source domains must split "
+                            f"evenly over {world} processes")
+
+    @classmethod
+    def text_targets(cls, cache: TeacherCache, sources: list, anchors: str) -> TextTargets:
+        return cache.text(sources)
+
+    @classmethod
+    def build_student(cls, student: dict, cache: TeacherCache, text: TextTargets, teacher_weights: bool):
+        """The method's model (untrained head) and its input spec, from a student description."""
+        backbone, spec = create_backbone(student["student"], student["student_weights"], student["student_size"])
+        return cls.build(backbone, feature_dim(backbone), text), spec
+
+    @classmethod
+    def loaded_weights(cls, student: dict) -> str | None:
+        """The student's starting weights, as loaded (e.g. a timm tag), for the results row."""
+        return resolved_weights(student["student"], student["student_weights"])
+
+    @classmethod
+    def fit(cls, job: TrainJob) -> tuple:
+        """Build the student, then train it in the stage's loop: ({name: state}, log)."""
+        text = cls.text_targets(job.cache, job.sources, job.config["anchors"])
+        model, spec = cls.build_student(job.student, job.cache, text, teacher_weights=True)
+        if cls.needs_alignment:
+            model.projection.load_state_dict(job.projection)
+        # Frozen BatchNorm keeps pre-trained statistics; a random-init student has none to keep
+        random_init = job.student.get("student_weights") == "none"
+        trainer = cls(model, text, job.config["steps"], freeze_batchnorm=False if random_init else None, **job.hparams)
+        return job.train(trainer, spec)
+
+    @classmethod
+    def evaluate(cls, job: ScoreJob) -> dict:
+        """Per-domain metrics of the trained student on the evaluation views."""
+        trained = job.trained
+        text = cls.text_targets(job.cache, trained["sources"], trained["anchors"])
+        net, spec = cls.build_student(trained["student"], job.cache, text, teacher_weights=False)
+        net.load_state_dict(job.weights)
+        return job.score_images(cls(net.to(device()), text, 1).predict, spec)
+
+    # ---------------------------------------------------------------- the method itself
+
     def __init__(self, model: nn.Module, text: TextTargets, steps: int, freeze_batchnorm: bool | None = None,
                  **hparams):
         self.model, self.text, self.steps = model, text, steps
         if freeze_batchnorm is not None:  # e.g. off for a random-init student: no statistics to keep
             self.freeze_batchnorm = freeze_batchnorm
         self.hp = {**self.hparams, **{k: v for k, v in hparams.items() if v is not None and k in self.hparams}}
-        params = [p for p in self.trainable() if p.requires_grad]
-        if self.optimizer_kind == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=self.hp["lr"], momentum=0.9, weight_decay=self.hp["weight_decay"])
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
-        self.scheduler = None
+        self._optimizer = self._scheduler = None  # built on first use: predicting needs neither
         self.ddp = None  # DistributedDataParallel wrapper of ``model`` under torchrun
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            params = [p for p in self.trainable() if p.requires_grad]
+            if self.optimizer_kind == "sgd":
+                self._optimizer = torch.optim.SGD(params, lr=self.hp["lr"], momentum=0.9,
+                                                  weight_decay=self.hp["weight_decay"])
+            else:
+                self._optimizer = torch.optim.Adam(params, lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
+            self._scheduler = self.make_scheduler(self._optimizer)
+        return self._optimizer
+
+    @property
+    def scheduler(self):
+        self.optimizer  # built together with the optimizer
+        return self._scheduler
+
+    def make_scheduler(self, optimizer):
+        return None
 
     @staticmethod
     def build(backbone: nn.Module, dim: int, text: TextTargets) -> nn.Module:
@@ -157,17 +281,18 @@ class Method:
             return module(images)
 
     def update(self, batch: Batch) -> dict:
+        optimizer, scheduler = self.optimizer, self.scheduler
         self.model.train()
         if self.freeze_batchnorm:
             for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         loss = self.loss(self._forward(batch.images), batch)
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         return {"loss": loss.item()}
 
     @torch.no_grad()
@@ -216,12 +341,33 @@ class SD(ADiP):
     """VL2V-SD: the student is the teacher's own image tower (white-box), trained end to end with
     the same loss, no extra projection."""
 
-    name, student, needs_alignment, in_default_run = "sd", TEACHER_TOWER, False, False
+    name, needs_alignment, in_default_run = "sd", False, False
     demo = {"lr": 3e-4}  # not tuned
 
     @classmethod
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
         return steps * batch
+
+    @classmethod
+    def resolve(cls, run, holdout, student, student_weights, student_size):
+        return TEACHER_TOWER, {"student": TEACHER_TOWER}
+
+    @classmethod
+    def trained_key(cls, run, holdout, student, seed, variant):
+        return TEACHER_TOWER
+
+    @classmethod
+    def run_options(cls, student, aligned):
+        return {}
+
+    @classmethod
+    def build_student(cls, student, cache, text, teacher_weights):
+        teacher = teacher_of_cache(cache, weights=teacher_weights)
+        return cls.build(teacher.model.visual.float(), cache.dim, text), teacher.input_spec
+
+    @classmethod
+    def loaded_weights(cls, student):
+        return None  # the teacher's own weights, recorded with the cache
 
     @staticmethod
     def build(tower, dim, text):
@@ -277,9 +423,17 @@ class RISE(Method):
     hparams = {"lr": 1e-3, "weight_decay": 5e-4, "temperature": 3.0, "w_kd": 0.9, "w_ce": 0.1, "w_dist": 1.0}
     demo = {"lr": 1e-3}  # source val 77.5 / 90.3 / 94.7 / 94.7 / 93.6% at 5e-5 ... 1e-2
 
-    def __init__(self, model, text, steps, freeze_batchnorm=None, **hparams):
-        super().__init__(model, text, steps, freeze_batchnorm, **hparams)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=max(1, int(0.8 * steps)), gamma=0.1)
+    ANCHORS = ("domains", "generic")  # the source-domain names, or the generic photo anchors
+
+    @classmethod
+    def text_targets(cls, cache, sources, anchors):
+        """RISE's relative-distance anchors: the source-domain names, or the generic photo anchors."""
+        if anchors not in cls.ANCHORS:
+            raise UserError(f"--anchors must be one of {', '.join(cls.ANCHORS)}, got '{anchors}'")
+        return cache.text(sources if anchors == "domains" else cache.generic_anchors())
+
+    def make_scheduler(self, optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(0.8 * self.steps)), gamma=0.1)
 
     @staticmethod
     def build(backbone, dim, text):
@@ -308,7 +462,6 @@ class CacheMethod:
     """A method of the cached teacher embeddings alone: no student, no images, no teacher."""
 
     name = ""
-    student = TEACHER
     needs_alignment = swad = False
     in_default_run = True
     trains = True   # fits something on the cache (with the alignment step budget)
@@ -320,6 +473,43 @@ class CacheMethod:
     @classmethod
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
         return 0
+
+    @classmethod
+    def resolve(cls, run, holdout, student, student_weights, student_size):
+        return TEACHER, {"student": TEACHER}
+
+    @classmethod
+    def trained_key(cls, run, holdout, student, seed, variant):
+        return TEACHER
+
+    @classmethod
+    def run_options(cls, student, aligned):
+        return {}
+
+    @classmethod
+    def schedule(cls, settings, cutmix):
+        return {"steps": settings["align_steps"], "cutmix": 0.0}  # a linear problem on the cache, like align
+
+    @classmethod
+    def check_settings(cls, *, per_domain, n_sources, world, teacher_online):
+        if teacher_online:
+            raise UserError(f"--teacher-online applies to student methods, not {cls.name}")
+
+    @classmethod
+    def fit(cls, job: TrainJob) -> tuple:
+        c = job.config
+        state, log = cls.fit_head(job.cache.image_emb, job.labels, job.train_rows, job.val_rows, steps=c["steps"],
+                                  per_domain=c["per_domain"], seed=c["seed"], eval_every=c["eval_every"],
+                                  **job.hparams)
+        return {"best": state}, log
+
+    @classmethod
+    def evaluate(cls, job: ScoreJob) -> dict:
+        return job.score_embeddings(cls.logits_of(job.weights, job.cache))
+
+    @classmethod
+    def loaded_weights(cls, student):
+        return None  # no student
 
     @classmethod
     def logits_of(cls, weights: dict | None, cache):
@@ -344,7 +534,7 @@ class Probe(CacheMethod):
     hparams = {"lr": 1e-3}
 
     @classmethod
-    def fit(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
+    def fit_head(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
             steps: int, per_domain: int, seed: int, eval_every: int, **hparams):
         """Fit ``Linear(D, C)`` on the training views; the best on source validation."""
         hp = {**cls.hparams, **{k: v for k, v in hparams.items() if v is not None and k in cls.hparams}}

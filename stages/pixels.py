@@ -1,22 +1,22 @@
 """Student pixels: every recorded view rendered once at the student's input size.
 
-Training then reads uint8 pixels (``data/pixels.py``) and normalises them on the training device:
+Training then reads uint8 pixels (format: ``cache/pixel_cache.py``; rendering: ``data/pixels.py``) and normalises them on the training device:
 no decoding, no rendering on the CPU. One cache per input size and interpolation, shared by every
 method, held-out domain and seed; decode-and-render stays as the reference and the fallback.
 """
-from cache import store
+from cache import pixel_cache, store
 from cache.progress import Interrupted, StopFlag, progress, say
 from data import pixels
 from data.views import InputSpec
 from stages.stage import Stage
 
-FORMS = ("raw", "webp", "none")  # none: decode and render every step (the reference path)
+FORMS = (*pixel_cache.FORMS, "none")  # none: decode and render every step (the reference path)
 
 
 class StudentPixels(Stage):
-    def __init__(self, run, spec: InputSpec, *, form: str = pixels.DEFAULT_FORM, workers: int = 0):
+    def __init__(self, run, spec: InputSpec, *, form: str = pixel_cache.DEFAULT_FORM, workers: int = 0):
         self.run, self.spec, self.form, self.workers = run, spec, form, workers
-        self.folder = run.root / "pixels" / pixels.spec_key(spec)
+        self.folder = run.root / "pixels" / pixel_cache.spec_key(spec)
         self.config = {"size": spec.size, "interpolation": spec.interpolation, "form": form}
         self.inputs = run.teacher_cache_input()
         self.outputs = ["pixels.h5"]
@@ -26,13 +26,13 @@ class StudentPixels(Stage):
         return self.folder / "pixels.h5"
 
     def describe(self) -> str:
-        return f"student pixels ({pixels.spec_key(self.spec)}, {self.form})"
+        return f"student pixels ({pixel_cache.spec_key(self.spec)}, {self.form})"
 
     def compute(self) -> dict:
         index = self.run.load_index()
         view_params = store.read(self.run.teacher_cache, "view_params")
         row_ok = store.read(self.run.teacher_cache, "status") == store.DONE
-        source = pixels.source_identity(view_params, index.fingerprint)
+        source = pixel_cache.source_identity(view_params, index.fingerprint)
         say(f"pixels: rendering {int(row_ok.sum())} images x {view_params.shape[1]} views at "
             f"{self.spec.size} px ({self.form}) into {self.path}")
         with StopFlag() as stop, progress(total=len(index), desc="pixels", unit="img") as bar:
@@ -41,12 +41,12 @@ class StudentPixels(Stage):
             try:
                 summary = pixels.build(self.path, index.root, index.paths, view_params, self.spec,
                                        force=self.force, **settings)
-            except pixels.StalePixels:  # rendered from other views: derived data, rebuilt
+            except pixel_cache.StalePixels:  # rendered from other views: derived data, rebuilt
                 summary = pixels.build(self.path, index.root, index.paths, view_params, self.spec, force=True,
                                        **settings)
             if stop.requested:
                 raise Interrupted("pixels: interrupted; run the same command again to continue")
-        return {**summary, "bytes": pixels.size_on_disk(self.path)}
+        return {**summary, "bytes": pixel_cache.size_on_disk(self.path)}
 
     def dataset(self) -> "pixels.PixelImages":
         return pixels.PixelImages(self.path)

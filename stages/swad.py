@@ -154,3 +154,42 @@ class LossValley:
                 self._add(self.smooth_q.popleft())
         return self.final.state
 
+
+
+class SwadTracker:
+    """SWAD's bookkeeping during training: the running segment, the loss valley fed at each
+    validation, and what a resume must restore. The training loop only calls ``add`` after each
+    update, ``validated`` after each validation (True: the valley ended, stop) and ``final_state``."""
+
+    def __init__(self, **valley):
+        self.valley = LossValley(**valley)
+        self.segment, self.segment_start = RunningAverage(), 1
+
+    def add(self, state: dict) -> None:
+        self.segment.add(state)
+
+    def validated(self, step: int, val_loss: float) -> bool:
+        frozen = {k: v.clone() for k, v in self.segment.state.items()}  # the segment may keep growing
+        self.valley.update(Segment(frozen, val_loss, self.segment_start, step))
+        if self.valley.dead_valley:
+            return True  # the official trainer stops when the loss valley ends
+        if restarts_segment(step):
+            self.segment, self.segment_start = RunningAverage(), step + 1
+        return False
+
+    def final_state(self) -> dict:
+        return self.valley.final_state()
+
+    def summary(self, source_val_acc: float, last_step: int) -> dict:
+        """For the training log: the averaged model's source-validation accuracy and where it came from."""
+        return {"swad_converged": self.valley.converged, "swad_segments": self.valley.segments_used,
+                "swad_source_val_acc": source_val_acc,
+                "swad_stopped_at": last_step if self.valley.dead_valley else None}
+
+    def state_dict(self) -> dict:
+        return {"valley": self.valley.state_dict(), "segment": self.segment.state_dict(),
+                "segment_start": self.segment_start}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.valley.load_state_dict(saved["valley"])
+        self.segment, self.segment_start = RunningAverage.from_state_dict(saved["segment"]), saved["segment_start"]

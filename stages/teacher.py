@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cache.fingerprint import sha256_file, sha256_json
 from data.views import InputSpec
 from cache.errors import UserError
+from stages.runtime import device
 
 
 class OpenClipTeacher:
@@ -75,6 +76,20 @@ class OpenClipTeacher:
         tokens = self.tokenizer(texts).to(self.device)
         embeddings = self.model.encode_text(tokens).float()
         return (F.normalize(embeddings, dim=-1) if normalize else embeddings).cpu()
+
+
+def teacher_of_cache(cache, weights: bool = True) -> OpenClipTeacher:
+    """The teacher a ``TeacherCache`` was made with (its architecture only, without ``weights``)."""
+    if str(cache.attrs["teacher"]).startswith("remote:"):
+        raise UserError(f"this cache was extracted from a remote teacher service ({cache.attrs['teacher']}); this "
+                        f"needs the teacher's weights (white-box); a remote teacher has none: extract with a "
+                        f"local --teacher NAME --pretrained TAG instead")
+    teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if weights else None,
+                              device=str(device()))
+    if weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:
+        raise UserError(f"the teacher checkpoint changed since extraction ({cache.attrs['teacher']}, "
+                        f"{cache.attrs['pretrained']}); this needs the teacher the cache was made with")
+    return teacher
 
 
 def checkpoint_fingerprint(name: str, pretrained: str | None) -> str:

@@ -76,11 +76,29 @@ def test_a_new_method_is_one_class(run_copy, monkeypatch):
         importlib.reload(pipeline.cli)
 
 
-@pytest.mark.parametrize("name", ["extract", "align", "distill", "evaluate"])
+def test_student_kinds_are_known_only_to_the_methods_module():
+    """Stages and the protocol call the method; none of them asks what kind of student it has."""
+    kinds = {"BACKBONE", "TEACHER", "TEACHER_TOWER"}
+    found = []
+    for _, path in _modules():
+        if path == ROOT / "stages" / "methods.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else \
+                None
+            if name in kinds or (isinstance(node, ast.Attribute) and node.attr == "student"
+                                 and isinstance(node.value, ast.Attribute) and node.value.attr == "method"):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    assert not found, found
+
+
+@pytest.mark.parametrize("name", ["extract", "align", "distill", "evaluate", "pixels"])
 def test_every_stage_is_one_stage_object(name):
-    """Each stage module declares a Stage subclass; the runner is the only manifest writer."""
+    """Each stage module defines a Stage subclass of its own (an imported one does not count); the
+    runner is the only manifest writer."""
     from stages.stage import Stage
     module = importlib.import_module(f"stages.{name}")
-    assert any(isinstance(v, type) and issubclass(v, Stage) and v is not Stage for v in vars(module).values())
+    assert any(isinstance(v, type) and issubclass(v, Stage) and v is not Stage and v.__module__ == module.__name__
+               for v in vars(module).values())
     writers = [p.relative_to(ROOT).as_posix() for _, p in _modules() if "manifest.write(" in p.read_text()]
     assert writers == ["stages/stage.py"]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cache import store
+from cache import pixel_cache
 from data import pixels
 from data.images import BadImage, ReplayImages, load_image
 from data.views import PARAM_NAMES, InputSpec, render, sample_views
@@ -56,18 +57,18 @@ def source(tmp_path):
 
 def build(path, source, **kwargs):
     root, paths, params = source
-    return pixels.build(path, root, paths, params, SPEC, source=pixels.source_identity(params, "fp"),
+    return pixels.build(path, root, paths, params, SPEC, source=pixel_cache.source_identity(params, "fp"),
                         block=2, **kwargs)
 
 
 def wanted(source, form="raw", fingerprint="fp"):
     _, paths, params = source
-    return pixels.identity(SPEC, len(paths), N_VIEWS, pixels.source_identity(params, fingerprint), form)
+    return pixel_cache.identity(SPEC, len(paths), N_VIEWS, pixel_cache.source_identity(params, fingerprint), form)
 
 
 # ------------------------------------------------------------------------------ exactness
 
-@pytest.mark.parametrize("form", pixels.FORMS)
+@pytest.mark.parametrize("form", pixel_cache.FORMS)
 def test_cached_pixels_equal_replay_after_normalisation(source, tmp_path, form):
     root, paths, params = source
     path = tmp_path / "pixels.h5"
@@ -173,7 +174,7 @@ def test_compressed_form_resumes_from_finished_blocks(source, tmp_path):
     parts = sorted(p.name for p in (tmp_path / "pixels.h5.parts").iterdir())
     assert parts == ["identity.json", "rows0000000000.npz"]
     root, paths, params = source
-    second = pixels.build(path, root, paths, params, SPEC, source=pixels.source_identity(params, "fp"), block=4,
+    second = pixels.build(path, root, paths, params, SPEC, source=pixel_cache.source_identity(params, "fp"), block=4,
                           form="webp")  # another block size: the recorded one is kept
     assert second["complete"] and second["rendered_now"] == 3 and not (tmp_path / "pixels.h5.parts").exists()
     reference = tmp_path / "reference.h5"
@@ -191,29 +192,29 @@ def test_stale_cache_is_refused_and_force_rebuilds(source, tmp_path):
     build(path, source)
     other = params.copy()
     other[1, 1, P["flip"]] = 1 - other[1, 1, P["flip"]]
-    with pytest.raises(pixels.StalePixels, match="source"):
-        pixels.build(path, root, paths, other, SPEC, source=pixels.source_identity(other, "fp"), block=2)
-    with pytest.raises(pixels.StalePixels, match="size"):
+    with pytest.raises(pixel_cache.StalePixels, match="source"):
+        pixels.build(path, root, paths, other, SPEC, source=pixel_cache.source_identity(other, "fp"), block=2)
+    with pytest.raises(pixel_cache.StalePixels, match="size"):
         pixels.build(path, root, paths, params, InputSpec(32, SPEC.mean, SPEC.std),
-                     source=pixels.source_identity(params, "fp"), block=2)
-    with pytest.raises(pixels.StalePixels, match="source"):
+                     source=pixel_cache.source_identity(params, "fp"), block=2)
+    with pytest.raises(pixel_cache.StalePixels, match="source"):
         pixels.PixelImages(path, wanted(source, fingerprint="another dataset"))
-    with pytest.raises(pixels.StalePixels, match="form"):
-        pixels.check(path, wanted(source, form="webp"))
-    pixels.check(path, wanted(source))  # the right one passes
-    summary = pixels.build(path, root, paths, other, SPEC, source=pixels.source_identity(other, "fp"), block=2,
+    with pytest.raises(pixel_cache.StalePixels, match="form"):
+        pixel_cache.check(path, wanted(source, form="webp"))
+    pixel_cache.check(path, wanted(source))  # the right one passes
+    summary = pixels.build(path, root, paths, other, SPEC, source=pixel_cache.source_identity(other, "fp"), block=2,
                            force=True)
     assert summary["complete"] and summary["rendered_now"] == len(paths)
     image = load_image(root / paths[1])
-    assert np.array_equal(pixels.PixelReader(path).read([1], [1])[0], SPEC.resize(render(image, other[1, 1])))
+    assert np.array_equal(pixel_cache.PixelReader(path).read([1], [1])[0], SPEC.resize(render(image, other[1, 1])))
 
 
 def test_mean_and_std_are_not_part_of_the_identity(source):
     _, paths, params = source
-    a = pixels.identity(SPEC, 5, N_VIEWS, pixels.source_identity(params, "fp"))
-    b = pixels.identity(InputSpec(40, (0.5,) * 3, (0.5,) * 3), 5, N_VIEWS, pixels.source_identity(params, "fp"))
-    assert pixels.mismatches(a, b) == []
-    assert pixels.spec_key(SPEC) == "40px-bicubic"
+    a = pixel_cache.identity(SPEC, 5, N_VIEWS, pixel_cache.source_identity(params, "fp"))
+    b = pixel_cache.identity(InputSpec(40, (0.5,) * 3, (0.5,) * 3), 5, N_VIEWS, pixel_cache.source_identity(params, "fp"))
+    assert pixel_cache.mismatches(a, b) == []
+    assert pixel_cache.spec_key(SPEC) == "40px-bicubic"
 
 
 def test_failed_rows_are_marked_and_never_served(source, tmp_path):
@@ -224,11 +225,11 @@ def test_failed_rows_are_marked_and_never_served(source, tmp_path):
     assert [f["row"] for f in summary["failed_now"]] == [1, 2]
     assert summary["failed_now"][0]["reason"] == "not extracted"
     assert list(store.read(path, "status")) == [1, 2, 2, 1, 1]
-    reader = pixels.PixelReader(path)
+    reader = pixel_cache.PixelReader(path)
     assert reader.read([0, 3], [1, 2]).shape == (2, 40, 40, 3)
     with pytest.raises(BadImage, match=r"rows \[2\]"):
         reader.read([0, 2], [1, 1])
-    info = pixels.describe(path)
+    info = pixel_cache.describe(path)
     assert (info["done"], info["failed"], info["pending"]) == (3, 2, 0)
 
 
@@ -255,7 +256,7 @@ def test_reader_opens_lazily_and_works_in_two_dataloader_workers(source, tmp_pat
 def test_batch_read_matches_single_reads_and_checks_bounds(source, tmp_path):
     path = tmp_path / "pixels.h5"
     build(path, source)
-    reader = pixels.PixelReader(path)
+    reader = pixel_cache.PixelReader(path)
     rows, views = np.array([4, 0, 4, 2]), np.array([0, 3, 4, 4])
     batch = reader.read(rows, views)
     for i in range(4):
@@ -271,12 +272,12 @@ def test_compressed_form_is_lossless_and_smaller(source, tmp_path):
     build(raw, source)
     build(webp, source, form="webp")
     n = len(source[1])
-    a = pixels.PixelReader(raw).read(np.repeat(np.arange(n), N_VIEWS), np.tile(np.arange(N_VIEWS), n))
-    b = pixels.PixelReader(webp).read(np.repeat(np.arange(n), N_VIEWS), np.tile(np.arange(N_VIEWS), n))
+    a = pixel_cache.PixelReader(raw).read(np.repeat(np.arange(n), N_VIEWS), np.tile(np.arange(N_VIEWS), n))
+    b = pixel_cache.PixelReader(webp).read(np.repeat(np.arange(n), N_VIEWS), np.tile(np.arange(N_VIEWS), n))
     assert np.array_equal(a, b)  # lossless: identical pixels, so the form does not change training
-    assert pixels.describe(raw)["bytes"] >= n * N_VIEWS * 40 * 40 * 3
-    assert pixels.describe(webp)["bytes"] < pixels.describe(raw)["bytes"]
-    assert pixels.describe(webp)["form"] == "webp"
+    assert pixel_cache.describe(raw)["bytes"] >= n * N_VIEWS * 40 * 40 * 3
+    assert pixel_cache.describe(webp)["bytes"] < pixel_cache.describe(raw)["bytes"]
+    assert pixel_cache.describe(webp)["form"] == "webp"
 
 
 def test_thread_batches_equal_dataloader_batches_and_stop_early(source, tmp_path):
@@ -318,9 +319,9 @@ def test_reading_every_row_does_not_grow_resident_memory(tmp_path):
         pytest.skip("needs glibc")
     n, k, s = 2000, 4, 32
     path = tmp_path / "pixels.h5"
-    wanted = pixels.identity(InputSpec(s, (0.5,) * 3, (0.5,) * 3), n, k, {"dataset_fingerprint": "x"})
-    pixels._create(path, {"pixels": ((n, k, s, s, 3), np.uint8), "status": ((n,), np.uint8)},
-                   pixels._attrs(wanted, 64), {"status": np.full(n, pixels.DONE, np.uint8)})
+    wanted = pixel_cache.identity(InputSpec(s, (0.5,) * 3, (0.5,) * 3), n, k, {"dataset_fingerprint": "x"})
+    pixel_cache._create(path, {"pixels": ((n, k, s, s, 3), np.uint8), "status": ((n,), np.uint8)},
+                   pixel_cache._attrs(wanted, 64), {"status": np.full(n, pixel_cache.DONE, np.uint8)})
     rng = np.random.default_rng(0)
     with h5py.File(path, "r+") as f:
         for start in range(0, n, 500):
