@@ -3,11 +3,12 @@
 Row ``i`` of the index is row ``i`` of every HDF5 store in the run folder.
 """
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cache import atomic
 
 METADATA_KEY = b"pipeline"
 
@@ -17,9 +18,8 @@ def write_table(path, columns: dict, metadata: dict) -> None:
     path = Path(path)
     table = pa.table(columns)
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_table(path) -> tuple[dict, dict]:

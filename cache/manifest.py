@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from cache import atomic
 from cache.fingerprint import file_stat, sha256_file
 
 MANIFEST = "manifest.json"
@@ -47,12 +48,10 @@ def write(stage_dir, config: dict, inputs: dict, outputs: list, summary: dict | 
 
 
 def _replace(stage_dir, manifest: dict) -> None:
-    tmp = Path(stage_dir) / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic.replacing(Path(stage_dir) / MANIFEST) as tmp, open(tmp, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, Path(stage_dir) / MANIFEST)
 
 
 def invalidate(stage_dir) -> dict | None:

@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from cache import store
+from cache import atomic, store
 from cache.errors import BadImage
 from cache.fingerprint import sha256_bytes, sha256_json
 
@@ -131,14 +131,12 @@ def _preallocate(f: h5py.File, name: str, shape, dtype) -> None:
 
 
 def _create(path: Path, datasets: dict, attrs: dict, fill: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=True) as f:
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         for name, (shape, dtype) in datasets.items():
             _preallocate(f, name, shape, dtype)
         for name, data in fill.items():
             f[name][...] = data
         store.write_attrs(f, attrs)
-    os.replace(tmp, path)
 
 
 def _attrs(wanted: dict, block: int) -> dict:
@@ -255,11 +253,10 @@ def _write_part(path: Path, encoded, errors) -> None:
     offsets[1:] = np.cumsum([len(v) for v in flat])
     data = np.frombuffer(b"".join(flat), np.uint8)
     status = np.array([FAILED if e else DONE for e in errors], np.uint8)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, data=data, offsets=offsets, status=status)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic.replacing(path, ".tmp.npz") as tmp:  # savez keeps a name that ends in .npz
+        np.savez(tmp, data=data, offsets=offsets, status=status)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _join_parts(path: Path, parts: Path, blocks, n: int, n_views: int, attrs: dict) -> None:
@@ -268,8 +265,7 @@ def _join_parts(path: Path, parts: Path, blocks, n: int, n_views: int, attrs: di
         with np.load(parts / _part_name(b.start)) as part:
             sizes.append(int(part["offsets"][-1]))
     total = sum(sizes)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=True) as f:
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         _preallocate(f, "data", (max(total, 1),), np.uint8)
         _preallocate(f, "offsets", (n * n_views + 1,), np.int64)
         _preallocate(f, "status", (n,), np.uint8)
@@ -283,7 +279,6 @@ def _join_parts(path: Path, parts: Path, blocks, n: int, n_views: int, attrs: di
                 f["status"][b.start:b.stop] = part["status"]
                 base += size
         store.write_attrs(f, attrs)
-    os.replace(tmp, path)
     shutil.rmtree(parts)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache import atomic
 from cache.errors import UserError
 
 FORMAT_VERSION = 1
@@ -24,14 +25,11 @@ def create(path, datasets: dict, attrs: dict) -> None:
 
     Attribute values that are not strings or numbers are stored as prefixed JSON strings.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=True) as f:
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         for name, (shape, dtype) in datasets.items():
             _create_preallocated(f, name, shape, dtype)
         write_attrs(f, {"format_version": FORMAT_VERSION, **attrs})
         durable(f)
-    os.replace(tmp, path)
 
 
 def durable(f: h5py.File) -> None:

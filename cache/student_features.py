@@ -11,18 +11,17 @@ import h5py
 import numpy as np
 import torch
 
-from cache import store
+from cache import atomic, store
 
 FILE = "features.h5"
 
 
 def write(path, features: np.ndarray, attrs: dict) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    store.create(tmp, {"features": (features.shape, np.float16)}, attrs)
-    with h5py.File(tmp, "r+") as f:
-        f["features"][...] = features.astype(np.float16)
-    tmp.replace(path)
+    with atomic.replacing(path, ".partial") as tmp:
+        store.create(tmp, {"features": (features.shape, np.float16)}, attrs)
+        with h5py.File(tmp, "r+") as f:
+            f["features"][...] = features.astype(np.float16)
 
 
 def read(path) -> torch.Tensor:

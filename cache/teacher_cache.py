@@ -24,7 +24,6 @@ virtual dataset over them that reads exactly like a single-process store.
 """
 import errno
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import h5py
 import numpy as np
 import torch
 
-from cache import store
+from cache import atomic, store
 from cache.errors import UserError
 
 ROW_DATASETS = ("image_emb", "view_params", "status")
@@ -119,8 +118,7 @@ def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, 
     """Write ``path``: text embeddings, and row datasets as virtual datasets over the shards
     (no copy; relative paths, so the folder can be moved)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=True) as f:
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         block = attrs["batch_size"]
         for name in (*ROW_DATASETS, CHECKSUMS):
             # the checksums are per block, and every shard holds whole blocks
@@ -138,7 +136,6 @@ def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, 
             f[name] = t.numpy().astype(np.float16)
         store.write_attrs(f, {"format_version": store.FORMAT_VERSION, **attrs})
         store.durable(f)
-    os.replace(tmp, path)
 
 
 @dataclass

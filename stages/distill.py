@@ -10,7 +10,6 @@ At every validation the whole training state is checkpointed (temp file, then re
 that was killed continues from there and ends with the same weights as an uninterrupted run.
 """
 import copy
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from safetensors.torch import load_file
 
+from cache import atomic
 from cache.errors import UserError
 from cache.fingerprint import sha256_json
 from cache.progress import Interrupted, StopFlag, progress, say
@@ -222,9 +222,8 @@ class TrainingState:
                  "cutmix_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                  "best": list(self.best), "log": self.log,
                  "swad": self.swad.state_dict() if self.swad is not None else None}
-        tmp = Path(str(self.path) + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        with atomic.replacing(self.path) as tmp:
+            torch.save(state, tmp)
 
 
 def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
