@@ -22,7 +22,7 @@ from data import demo
 from data.images import ReplayImages
 from cache.teacher_cache import TeacherCache
 from pipeline import config
-from pipeline.runfolder import RunFolder
+from stages.runfolder import RunFolder
 from stages import align as align_stage, distill as distill_stage, stage
 from stages.extract import VIEWS, Extract
 from stages.pixels import StudentPixels

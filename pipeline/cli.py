@@ -11,7 +11,7 @@ from cache.errors import UserError
 from cache.progress import Interrupted
 from data.images import BadImage
 from pipeline import config
-from pipeline.runfolder import RunFolder
+from stages.runfolder import RunFolder
 from stages import stage
 from stages.align import run_alignment
 from stages.distill import Distill

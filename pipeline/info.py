@@ -23,7 +23,7 @@ def describe(run) -> dict:
                              "per_domain": {d: int((index.domain == i).sum()) for i, d in enumerate(index.domains)}}
     extract = manifest.load(run.extract_dir)
     report["teacher_image_forwards"] = extract["summary"].get("teacher_image_forwards") if extract else 0
-    queries = run.extract_dir / "queries.json"  # a remote teacher's ledger, also while unfinished
+    queries = run.queries  # a remote teacher's ledger, also while unfinished
     report["teacher_queries"] = json.loads(queries.read_text()) if queries.exists() else None
     for path in sorted(run.root.rglob(manifest.MANIFEST)):
         stage_dir = path.parent

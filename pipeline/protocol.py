@@ -15,7 +15,7 @@ from cache.errors import UserError
 from cache.progress import say
 from data import demo
 from pipeline import config, report
-from pipeline.runfolder import RunFolder
+from stages.runfolder import RunFolder
 from stages import stage
 from stages.align import run_alignment
 from stages.distill import Distill
@@ -68,7 +68,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
 
     with run.writing():
         if data_root is None:
-            data_root = run.root / "demo-data"
+            data_root = run.demo_data
             demo.generate(data_root)
             say(f"run: built-in demo dataset in {data_root}")
         timed("extract", lambda: stage.run(Extract(
@@ -98,7 +98,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         text = report.markdown(table, chosen) + footer
         run.table.write_text(text)
         plotted = report.bar_chart(table, chosen, run.table.with_suffix(".png"))
-        (run.root / "protocol.json").write_text(json.dumps(
+        run.protocol.write_text(json.dumps(
             {"methods": chosen_methods, "seeds": seed_list, "holdouts": chosen, "settings": settings,
              "sweeps": sweeps, "official_teacher_forwards": official, "teacher_image_forwards": ours}, indent=2))
     say("run: stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

@@ -4,22 +4,16 @@ Built on KServe's Python model server (``pip install -e ".[serve]"``): this modu
 model class, input checks and a few server settings. Endpoints (REST, JSON):
 
 - ``GET  /v2/health/ready``
-- ``GET  /v2/models/{name}``: the standard metadata (name, versions, platform, inputs, outputs)
-  plus ``parameters``: what a client needs to render views for this teacher and to identify it
-  (input size, interpolation, mean, std, embedding size, weights fingerprint, open_clip name).
-- ``POST /v2/models/{name}/infer`` with ONE input:
-  ``{"name": "image", "datatype": "BYTES", "shape": [n], "data": [base64 PNG, ...]}`` (views
-  already resized to the teacher's input size, 8-bit RGB; the server normalises them with the
-  model's mean/std) or ``{"name": "text", "datatype": "BYTES", "shape": [n], "data": [str, ...]}``.
-  The reply has one output ``embedding`` FP32 ``[n, dim]``: L2-normalised for images, the raw
-  embedding for texts (RISE averages raw prompt embeddings; clients normalise).
+- ``GET  /v2/models/{name}``: the standard metadata plus what a client needs to render views
+  for this teacher and to identify it.
+- ``POST /v2/models/{name}/infer`` with ONE input, images (PNG) or texts. The reply's embeddings
+  are L2-normalised for images, raw for texts (RISE averages raw prompt embeddings; clients normalise).
+
+The format (metadata keys, encodings, input names) is ``stages/teacher_wire.py``, shared with the client.
 
 Bad input (an oversized body, too many items, an undecodable image, a wrong size, datatype or
 shape) gets a 4xx with a message, never a crash.
 """
-import base64
-import binascii
-import io
 import json
 import os
 import random
@@ -28,6 +22,8 @@ import uuid
 
 import numpy as np
 import torch
+
+from stages import teacher_wire as wire
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a request body larger than this gets 413
 MAX_ITEMS = 1024                     # images or texts in one request
@@ -48,14 +44,12 @@ def _kserve():
     return kserve
 
 
-def describe_teacher(teacher, model_name: str) -> dict:
-    """The metadata ``parameters``: preprocessing, embedding size and the weights' fingerprint."""
-    spec = teacher.input_spec
+def describe_teacher(teacher, model_name: str) -> wire.Description:
+    """Preprocessing, embedding size and the weights' fingerprint, for the model metadata."""
     dim = int(teacher.encode_texts(["a"]).shape[-1])
-    return {"size": spec.size, "interpolation": spec.interpolation, "mean": json.dumps(list(spec.mean)),
-            "std": json.dumps(list(spec.std)), "embed_dim": dim, "version": teacher._checkpoint_hash(),
-            "source": teacher.name if not teacher.name.startswith("local-dir:") else "local-dir",
-            "pretrained": teacher.pretrained or "", "model": model_name, "max_items": MAX_ITEMS}
+    source = teacher.name if not teacher.name.startswith("local-dir:") else "local-dir"
+    return wire.Description(teacher.input_spec, dim, teacher.identity["checkpoint_sha256"], source,
+                            teacher.pretrained or "", model_name, MAX_ITEMS)
 
 
 def build_model(teacher, model_name: str):
@@ -63,50 +57,34 @@ def build_model(teacher, model_name: str):
     kserve = _kserve()
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferResponse
-    from PIL import Image
 
     import threading
     forward = threading.Lock()
-    params = describe_teacher(teacher, model_name)
-    size, dim = params["size"], params["embed_dim"]
+    described = describe_teacher(teacher, model_name)
+    size, dim = described.spec.size, described.embed_dim
 
     def decode_image(i: int, item) -> torch.Tensor:
         try:
-            raw = base64.b64decode(item, validate=True) if isinstance(item, str) else bytes(item)
-        except (binascii.Error, ValueError, TypeError):
-            raise InvalidInput(f"image {i}: not base64-encoded PNG bytes")
-        if raw[:8] != b"\x89PNG\r\n\x1a\n":
-            raise InvalidInput(f"image {i}: not a PNG (images travel losslessly, PNG-encoded)")
-        try:
-            image = Image.open(io.BytesIO(raw))
-            if image.size != (size, size):  # checked before decoding the pixels
-                raise InvalidInput(f"image {i}: {image.size[0]}x{image.size[1]} pixels; this teacher "
-                                   f"takes {size}x{size} (render the view at the teacher's input size)")
-            if image.mode != "RGB":
-                raise InvalidInput(f"image {i}: mode {image.mode}; send 8-bit RGB")
-            image.load()
-        except InvalidInput:
-            raise
-        except Exception as e:  # PIL raises many types on corrupt data
-            raise InvalidInput(f"image {i}: cannot decode PNG: {str(e)[:200]}")
+            image = wire.decode_image(item, size)
+        except ValueError as e:
+            raise InvalidInput(f"image {i}: {e}")
         with image:  # the teacher's own preprocessing; at its size the resize is a copy
             return teacher.input_spec(image)
 
     class OpenClipService(kserve.Model):
         def __init__(self):
             super().__init__(model_name)
-            self.served = {"image": 0, "text": 0}
+            self.served = dict.fromkeys(wire.INPUTS, 0)
 
         def load(self) -> bool:
             self.ready = True
             return self.ready
 
         def get_input_types(self):
-            return [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                    {"name": "text", "datatype": "BYTES", "shape": [-1]}]
+            return [{"name": name, "datatype": wire.BYTES, "shape": [-1]} for name in wire.INPUTS]
 
         def get_output_types(self):
-            return [{"name": "embedding", "datatype": "FP32", "shape": [-1, dim]}]
+            return [{"name": wire.OUTPUT, "datatype": wire.OUTPUT_DATATYPE, "shape": [-1, dim]}]
 
         async def predict(self, payload, headers=None):
             # Decoding and the forward pass run off the event loop, so health and metadata
@@ -119,10 +97,10 @@ def build_model(teacher, model_name: str):
             if not isinstance(inputs, list) or len(inputs) != 1:
                 raise InvalidInput("send exactly one input tensor, 'image' or 'text'")
             tensor = inputs[0]
-            if tensor.name not in ("image", "text"):
+            if tensor.name not in wire.INPUTS:
                 raise InvalidInput(f"unknown input '{tensor.name}'; this model takes 'image' or 'text'")
-            if tensor.datatype != "BYTES":
-                raise InvalidInput(f"input '{tensor.name}' must have datatype BYTES, got {tensor.datatype}")
+            if tensor.datatype != wire.BYTES:
+                raise InvalidInput(f"input '{tensor.name}' must have datatype {wire.BYTES}, got {tensor.datatype}")
             data = tensor.data
             if not isinstance(data, list):
                 raise InvalidInput(f"input '{tensor.name}': data must be a list")
@@ -131,7 +109,7 @@ def build_model(teacher, model_name: str):
                                    f"{len(data)} items (expected [{len(data)}])")
             if not 0 < len(data) <= MAX_ITEMS:
                 raise InvalidInput(f"input '{tensor.name}': {len(data)} items; send 1 to {MAX_ITEMS} per request")
-            if tensor.name == "image":
+            if tensor.name == wire.IMAGE:
                 pixels = torch.stack([decode_image(i, item) for i, item in enumerate(data)])
                 with forward:
                     embeddings = teacher.encode_images(pixels)
@@ -143,14 +121,14 @@ def build_model(teacher, model_name: str):
                 with forward:
                     embeddings = teacher.encode_texts(texts, normalize=False)
             self.served[tensor.name] += len(data)
-            out = InferOutput(name="embedding", shape=list(embeddings.shape), datatype="FP32")
+            out = InferOutput(name=wire.OUTPUT, shape=list(embeddings.shape), datatype=wire.OUTPUT_DATATYPE)
             out.set_data_from_numpy(embeddings.numpy().astype(np.float32), binary_data=False)
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=model_name,
-                                 infer_outputs=[out], parameters={"version": params["version"]})
+                                 infer_outputs=[out], parameters={wire.VERSION: described.version})
 
     model = OpenClipService()
     model.load()
-    return model, params
+    return model, described
 
 
 class LimitsMiddleware:
@@ -235,7 +213,7 @@ def serve(teacher_name: str, pretrained, *, host: str = "127.0.0.1", port: int =
         raise UserError("--tls-cert and --tls-key go together")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher = OpenClipTeacher(teacher_name, pretrained, device=device)
-    model, params = build_model(teacher, model_name)
+    model, described = build_model(teacher, model_name)
     repository = ModelRepository()
     repository.update(model)
     dataplane = DataPlane(model_registry=repository)
@@ -245,18 +223,16 @@ def serve(teacher_name: str, pretrained, *, host: str = "127.0.0.1", port: int =
     from kserve.model_server import app
 
     async def metadata(model_name_: str):
-        # The standard v2 model metadata, plus ``parameters`` (preprocessing, dim, version).
+        # The standard v2 model metadata, plus the teacher's description.
         if model_name_ != model_name:
             return JSONResponse({"error": f"Model with name {model_name_} does not exist."}, status_code=404)
-        standard = await dataplane.model_metadata(model_name_)
-        return JSONResponse({**standard, "versions": [params["version"]], "platform": "open_clip",
-                             "parameters": params})
+        return JSONResponse(described.metadata(await dataplane.model_metadata(model_name_)))
 
     app.add_api_route("/v2/models/{model_name_}", metadata, methods=["GET"])  # first match wins
     token = os.environ.get(token_env) or None
     app.add_middleware(LimitsMiddleware, max_body=max_body, token=token, faults=parse_faults(faults))
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
-    print(f"serve-teacher: {teacher_name} as '{model_name}' (dim {params['embed_dim']}, input {params['size']} px, "
-          f"version {params['version'][:16]}) on {'https' if tls_cert else 'http'}://{host}:{port}"
+    print(f"serve-teacher: {teacher_name} as '{model_name}' (dim {described.embed_dim}, input {described.spec.size} "
+          f"px, version {described.version[:16]}) on {'https' if tls_cert else 'http'}://{host}:{port}"
           + ("; bearer token required" if token else ""), file=sys.stderr, flush=True)
     asyncio.run(rest.start())

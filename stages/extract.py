@@ -91,7 +91,7 @@ class Extract(Stage):
         if not self.teacher.has_weights:
             say(f"warning: teacher {self.teacher_name} has no weights: using a random initialisation")
         store_path = self.run.teacher_cache
-        existing = store_path if store_path.exists() else shard_path(store_path, rank, world)
+        existing = store_path if store_path.exists() else self.run.shard(rank, world)
         if existing.exists() and not self.force and not store.readable(existing):
             say(f"extract: {existing} is damaged beyond repair (not a readable HDF5 file); rebuilding it")
             existing.unlink()
@@ -142,11 +142,11 @@ class Extract(Stage):
         distributed.barrier()
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.remote:
-            self.remote.attach(self.folder)  # the query ledger and partly received blocks live here
+            self.remote.attach(self.run.queries, self.run.received)
         say(f"extract: {len(index)} images in {len(index.domains)} domains, {len(index.classes)} classes; "
             f"{self.n_views} views each; teacher {self.teacher_name}" + (f"; {world} processes" if world > 1 else ""))
         rows = range(len(index)) if world == 1 else shard_rows(len(index), self.batch_size, rank, world)
-        target = store_path if world == 1 else shard_path(store_path, rank, world)
+        target = store_path if world == 1 else self.run.shard(rank, world)
         try:
             with StopFlag() as stop:
                 summary = self._fill(target, rows, stop)
@@ -159,33 +159,33 @@ class Extract(Stage):
             distributed.barrier()  # every shard is complete
             if not distributed.is_main():
                 return None
-            shards = [shard_path(store_path, r, world) for r in range(world)]
+            shards = [self.run.shard(r, world) for r in range(world)]
             teacher_cache.join_shards(store_path, shards, [shard_rows(len(index), self.batch_size, r, world)
                                                            for r in range(world)], len(index),
                                       self._texts(), {**self.wanted_attrs(), "shards": world})
-            with open(_skipped_path(store_path), "w") as joined:
+            with open(self.run.skipped_list(), "w") as joined:
                 for shard in shards:
-                    if _skipped_path(shard).exists():
-                        joined.write(_skipped_path(shard).read_text())
-            self.outputs = self.outputs + [f"shards/{s.name}" for s in shards]
+                    if self.run.skipped_list(shard).exists():
+                        joined.write(self.run.skipped_list(shard).read_text())
+            self.outputs = self.outputs + [s.relative_to(self.folder).as_posix() for s in shards]
         status = store.read(store_path, "status")
         summary.update(images=len(index), ok=int((status == store.DONE).sum()),
                        skipped=int((status == store.FAILED).sum()),
                        teacher_image_forwards=int((status == store.DONE).sum()) * self.n_views,
                        **({"processes": world} if world > 1 else {}))
-        reasons = skipped_reasons(store_path)
+        reasons = skipped_reasons(self.run.skipped_list())
         index.status = ["ok" if s == store.DONE else reasons.get(p, "skipped") for s, p in zip(status, index.paths)]
         write_table(self.run.index_path, *index.to_columns())
         if summary["ok"] == 0:
             raise UserError(f"none of the {len(index)} images in {self.data_root} could be read; "
-                            f"reasons in {self.folder / 'skipped.jsonl'}")
+                            f"reasons in {self.run.skipped_list()}")
         return summary
 
     def published(self, summary: dict) -> None:
         rate = f" ({summary['images_per_s']} images/s)" if summary["images_per_s"] else ""
         say(f"extract: done in {summary['seconds']} s{rate}; {summary['ok']} images cached")
         if summary["skipped"]:
-            say(f"extract: skipped {summary['skipped']} unreadable images; list in {self.folder / 'skipped.jsonl'}")
+            say(f"extract: skipped {summary['skipped']} unreadable images; list in {self.run.skipped_list()}")
 
     def _texts(self) -> dict:
         teacher, classes = self.teacher, self.index.classes
@@ -199,7 +199,7 @@ class Extract(Stage):
     def _fill(self, store_path: Path, rows: range, stop: StopFlag) -> dict:
         """Fill ``store_path`` (created if missing, resumed if partial) for ``rows``."""
         index, n_views, teacher = self.index, self.n_views, self.teacher
-        skipped_path = _skipped_path(store_path)
+        skipped_path = self.run.skipped_list(store_path)
         if not store_path.exists():
             store_path.parent.mkdir(parents=True, exist_ok=True)
             texts = self._texts() if store_path == self.run.teacher_cache else {}
@@ -289,16 +289,6 @@ def shard_rows(n_rows: int, block: int, rank: int, world: int) -> range:
     return range(min(first * block, n_rows), min(last * block, n_rows))
 
 
-def shard_path(store_path, rank: int, world: int) -> Path:
-    return Path(store_path).parent / "shards" / f"rank{rank}-of-{world}.h5"
-
-
-def _skipped_path(store_path: Path) -> Path:
-    store_path = Path(store_path)
-    return store_path.with_name("skipped.jsonl" if store_path.parent.name != "shards"
-                                else store_path.stem + ".skipped.jsonl")
-
-
 def _collate(items):
     rows = np.array([item[0] for item in items])
     pixels = torch.stack([item[1] for item in items])
@@ -306,9 +296,8 @@ def _collate(items):
     return rows, pixels, params, [item[3] for item in items]
 
 
-def skipped_reasons(store_path) -> dict:
+def skipped_reasons(skipped_path: Path) -> dict:
     """path -> reason for every image that extraction skipped."""
-    skipped_path = Path(store_path).with_name("skipped.jsonl")
     if not skipped_path.exists():
         return {}
     with open(skipped_path) as f:

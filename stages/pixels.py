@@ -16,7 +16,7 @@ FORMS = (*pixel_cache.FORMS, "none")  # none: decode and render every step (the 
 class StudentPixels(Stage):
     def __init__(self, run, spec: InputSpec, *, form: str = pixel_cache.DEFAULT_FORM, workers: int = 0):
         self.run, self.spec, self.form, self.workers = run, spec, form, workers
-        self.folder = run.root / "pixels" / pixel_cache.spec_key(spec)
+        self.folder = run.pixels_dir(pixel_cache.spec_key(spec))
         self.config = {"size": spec.size, "interpolation": spec.interpolation, "form": form}
         self.inputs = run.teacher_cache_input()
         self.outputs = ["pixels.h5"]

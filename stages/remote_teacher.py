@@ -6,7 +6,8 @@ Same members as ``OpenClipTeacher`` (``identity``, ``input_spec``, ``encode_imag
 ``encode_texts``), so extraction runs unchanged. Views are rendered and resized here, at the
 teacher's input size with its interpolation (both read from the service's metadata), and
 travel PNG-encoded (lossless 8-bit RGB); the service normalises with the model's own mean/std,
-so the teacher sees exactly the pixels a local extraction feeds it.
+so the teacher sees exactly the pixels a local extraction feeds it. The wire format, shared
+with ``pipeline serve-teacher``, is ``stages/teacher_wire.py``.
 
 Every query is counted: one image query per view, one text query per prompt. ``sent`` counts
 first attempts, ``retried`` re-sends after a timeout, a dropped connection, 429 or 5xx, and
@@ -17,9 +18,7 @@ first attempts, ``retried`` re-sends after a timeout, a dropped connection, 429 
 The bearer token comes from an environment variable (``PIPELINE_TEACHER_TOKEN``) and is never
 recorded or printed; TLS certificates are verified (a private CA bundle: ``PIPELINE_TEACHER_CA``).
 """
-import base64
 import hashlib
-import io
 import json
 import os
 import random
@@ -36,7 +35,9 @@ import torch
 from PIL import Image
 
 from data.views import InputSpec
+from cache import atomic
 from cache.errors import UserError
+from stages import teacher_wire as wire
 
 TOKEN_ENV = "PIPELINE_TEACHER_TOKEN"
 CA_ENV = "PIPELINE_TEACHER_CA"
@@ -111,22 +112,18 @@ class RemoteTeacher:
         self._lock = threading.Lock()
         self.counts = {"sent": 0, "retried": 0, "failed": 0, "image": 0, "text": 0, "requests": 0,
                        "reused": 0}
-        self.ledger_dir: Path | None = None
+        self.ledger: Path | None = None    # the query ledger (queries.json) and ...
+        self.received: Path | None = None  # ... partly received blocks (received.npz): ``attach``
         self._prior: dict = {}
         self._received: dict = {}
-        self._meta = self._metadata()
-        p = self._meta["parameters"]
-        self.dim, self.version = int(p["embed_dim"]), str(p["version"])
-        mean, std = p["mean"], p["std"]
-        mean, std = (json.loads(mean) if isinstance(mean, str) else mean), (json.loads(std) if isinstance(std, str) else std)
-        self.input_spec = RemoteInputSpec(size=int(p["size"]), mean=tuple(float(m) for m in mean),
-                                          std=tuple(float(s) for s in std),
-                                          interpolation=str(p.get("interpolation", "bicubic")))
-        self.request_size = min(self.request_size, int(p.get("max_items", self.request_size)))
+        served = self._metadata()
+        self.dim, self.version, spec = served.embed_dim, served.version, served.spec
+        self.input_spec = RemoteInputSpec(spec.size, spec.mean, spec.std, spec.interpolation)
+        self.request_size = min(self.request_size, served.max_items or self.request_size)
         self.name, self.pretrained = f"remote:{self.model_name}", None
         self.source = {"model": self.model_name, "version": self.version, "embed_dim": self.dim,
-                       "platform": self._meta.get("platform", ""), "source": p.get("source", ""),
-                       "source_pretrained": p.get("pretrained") or None}
+                       "platform": served.platform, "source": served.source,
+                       "source_pretrained": served.pretrained or None}
 
     # ---- the teacher interface -------------------------------------------------------------
 
@@ -142,12 +139,11 @@ class RemoteTeacher:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] pixels 0..255 (``RemoteInputSpec``) -> [n, dim] normalised embeddings."""
         arrays = pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        items = [base64.b64encode(_png(a)).decode("ascii") for a in arrays]
-        return self._encode("image", items)
+        return self._encode(wire.IMAGE, [wire.encode_image(a) for a in arrays])
 
     def encode_texts(self, texts: list, normalize: bool = True) -> torch.Tensor:
         """[n, dim] text embeddings; the service sends them raw, as the model gives them."""
-        raw = self._encode("text", list(texts))
+        raw = self._encode(wire.TEXT, list(texts))
         return torch.nn.functional.normalize(raw, dim=-1) if normalize else raw
 
     # ---- queries -----------------------------------------------------------------------------
@@ -173,35 +169,29 @@ class RemoteTeacher:
                 f"this extraction needs {plan['total']:,} teacher queries ({plan['image']:,} image views + "
                 f"{plan['text']:,} prompts) but --max-queries is {self.max_queries:,}; nothing was sent")
 
-    def attach(self, folder) -> None:
-        """Keep the query ledger and partly received blocks in ``folder`` (the extract stage)."""
-        self.ledger_dir = Path(folder)
-        self._prior = self._read_ledger()
-        received = self.ledger_dir / "received.npz"
-        if received.exists():
-            with np.load(received) as f:
+    def attach(self, ledger: Path, received: Path) -> None:
+        """Keep the query ledger and partly received blocks in these files (of the extract stage)."""
+        self.ledger, self.received = Path(ledger), Path(received)
+        self._prior = json.loads(self.ledger.read_text()) if self.ledger.exists() else {}
+        if self.received.exists():
+            with np.load(self.received) as f:
                 self._received = dict(zip(f["keys"].tolist(), f["embeddings"]))
 
-    def ledger(self) -> dict:
+    def totals(self) -> dict:
         """Queries over every run into this folder (this run's counts added)."""
         return {k: self._prior.get(k, 0) + self.counts[k] for k in self.counts}
 
     def summary(self) -> dict:
-        return {"teacher_url": self.url, "queries_this_run": dict(self.counts), "queries": self.ledger()}
-
-    def _read_ledger(self) -> dict:
-        path = self.ledger_dir / "queries.json" if self.ledger_dir else None
-        return json.loads(path.read_text()) if path and path.exists() else {}
+        return {"teacher_url": self.url, "queries_this_run": dict(self.counts), "queries": self.totals()}
 
     def save_ledger(self) -> None:
         """Write the running totals to ``queries.json`` (after every batch, so a killed run counts too)."""
-        if self.ledger_dir is None:
+        if self.ledger is None:
             return
         with self._lock:
-            total = self.ledger()
-        tmp = self.ledger_dir / "queries.json.tmp"
-        tmp.write_text(json.dumps(total, indent=2))
-        os.replace(tmp, self.ledger_dir / "queries.json")
+            total = self.totals()
+        with atomic.replacing(self.ledger) as tmp:
+            tmp.write_text(json.dumps(total, indent=2))
 
     def _encode(self, kind: str, items: list) -> torch.Tensor:
         keys = [hashlib.sha256((kind + "\0" + item).encode()).hexdigest()[:32] for item in items]
@@ -238,17 +228,15 @@ class RemoteTeacher:
         return out
 
     def _save_received(self) -> None:
-        if self.ledger_dir is None or not self._received:
+        if self.received is None or not self._received:
             return
         keys = list(self._received)
-        path = self.ledger_dir / "received.npz"
-        tmp = self.ledger_dir / "received.tmp.npz"
-        np.savez(tmp, keys=np.array(keys), embeddings=np.stack([self._received[k] for k in keys]))
-        os.replace(tmp, path)
+        with atomic.replacing(self.received, ".tmp.npz") as tmp:  # savez keeps a name that ends in .npz
+            np.savez(tmp, keys=np.array(keys), embeddings=np.stack([self._received[k] for k in keys]))
 
     def _drop_received_file(self) -> None:
-        if self.ledger_dir is not None and not self._received:
-            (self.ledger_dir / "received.npz").unlink(missing_ok=True)
+        if self.received is not None and not self._received:
+            self.received.unlink(missing_ok=True)
 
     def _request(self, kind: str, items: list) -> np.ndarray:
         n = len(items)
@@ -258,7 +246,7 @@ class RemoteTeacher:
                                           f"sending more (everything received so far is kept)")
             self.counts["sent"] += n
             self.counts[kind] += n
-        body = json.dumps({"inputs": [{"name": kind, "datatype": "BYTES", "shape": [n], "data": items}]})
+        body = json.dumps(wire.infer_request(kind, items))
         path = f"/v2/models/{self.model_name}/infer"
         for attempt in range(self.retries + 1):
             wait, problem = None, None
@@ -312,13 +300,13 @@ class RemoteTeacher:
         if emb.shape != (n, self.dim) or not np.isfinite(emb).all():
             raise UserError(f"teacher service {self.url}: expected {n} x {self.dim} finite embeddings, "
                             f"got shape {list(emb.shape)}")
-        version = (reply.json().get("parameters") or {}).get("version")
+        version = wire.reply_version(reply.json())
         if version is not None and version != self.version:
             raise UserError(f"teacher service {self.url}: the model changed during extraction "
                             f"(version {self.version[:16]} -> {str(version)[:16]}); nothing more is cached")
         return emb
 
-    def _metadata(self) -> dict:
+    def _metadata(self) -> wire.Description:
         """Readiness and metadata: free (no embedding is computed), retried like any request."""
         path = f"/v2/models/{self.model_name}"
         problem = ""
@@ -326,11 +314,11 @@ class RemoteTeacher:
             try:
                 reply = self._client.get(path)
                 if reply.status_code == 200:
-                    meta = reply.json()
-                    if "parameters" not in meta or "embed_dim" not in (meta.get("parameters") or {}):
+                    try:
+                        return wire.Description.from_metadata(reply.json())
+                    except ValueError:
                         raise UserError(f"teacher service {self.url}: model '{self.model_name}' does not describe "
-                                        f"its preprocessing (serve it with `pipeline serve-teacher`)")
-                    return meta
+                                        f"its preprocessing (serve it with `pipeline serve-teacher`)") from None
                 problem = f"HTTP {reply.status_code}: {_message(reply)}"
                 if reply.status_code not in RETRY_STATUS:
                     raise UserError(f"teacher service {self.url}: model '{self.model_name}': {problem}")
@@ -354,12 +342,6 @@ def _certificate_error(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def _message(reply) -> str:

@@ -92,6 +92,28 @@ def test_student_kinds_are_known_only_to_the_methods_module():
     assert not found, found
 
 
+RUN_FOLDER_NAMES = {"extract", "features", "align", "distill", "evaluate", "pixels", "shards", "skipped.jsonl",
+                    "queries.json", "received.npz", "results.jsonl", "table.md", "protocol.json", "demo-data",
+                    "teacher.h5", "index.parquet"}
+
+
+def test_run_folder_paths_are_built_in_the_layout_module_only():
+    """No module but stages/runfolder.py joins a run-folder name onto a path (``x / "pixels"``).
+    One named exception: cache/store.py's damage message finds the run folder above a damaged file
+    (by its ``extract`` folder) and the bottom layer cannot import the layout."""
+    allowed = {ROOT / "stages" / "runfolder.py", ROOT / "cache" / "store.py"}
+    found = []
+    for _, path in _modules():
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                for side in (node.left, node.right):
+                    if isinstance(side, ast.Constant) and side.value in RUN_FOLDER_NAMES:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} '{side.value}'")
+    assert not found, found
+
+
 @pytest.mark.parametrize("name", ["extract", "align", "distill", "evaluate", "pixels"])
 def test_every_stage_is_one_stage_object(name):
     """Each stage module defines a Stage subclass of its own (an imported one does not count); the

@@ -414,7 +414,7 @@ def test_what_was_received_for_an_unfinished_batch_is_not_paid_again(server, tmp
     from cache.errors import UserError
     from stages.remote_teacher import RemoteTeacher
     teacher = RemoteTeacher(server.url, request_size=4, concurrency=2)
-    teacher.attach(tmp_path)
+    teacher.attach(tmp_path / "queries.json", tmp_path / "received.npz")
     pixels = torch.randint(0, 256, (12, 3, 32, 32)).float()
     real = teacher._request
 
@@ -424,15 +424,14 @@ def test_what_was_received_for_an_unfinished_batch_is_not_paid_again(server, tmp
             raise UserError("teacher service: gave up")
         return real(kind, items)
 
-    import base64
-    from stages.remote_teacher import _png
-    first_of_third = base64.b64encode(_png(pixels[8].to(torch.uint8).permute(1, 2, 0).numpy())).decode()
+    from stages.teacher_wire import encode_image
+    first_of_third = encode_image(pixels[8].to(torch.uint8).permute(1, 2, 0).numpy())
     teacher._request = third_fails
     with pytest.raises(UserError):
         teacher.encode_images(pixels)
     assert (tmp_path / "received.npz").exists() and teacher.counts["sent"] == 8
     again = RemoteTeacher(server.url, request_size=4)  # a new run into the same folder
-    again.attach(tmp_path)
+    again.attach(tmp_path / "queries.json", tmp_path / "received.npz")
     embeddings = again.encode_images(pixels)
     assert again.counts["sent"] == 4 and again.counts["reused"] == 8
     assert embeddings.shape == (12, 32) and not (tmp_path / "received.npz").exists()

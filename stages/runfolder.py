@@ -1,16 +1,21 @@
 """The run folder: one directory holding every cache and output of a run.
 
 ```
-RUN/extract/                      index.parquet, teacher.h5, skipped.jsonl
+RUN/extract/                      index.parquet, teacher.h5, skipped.jsonl [queries.json, received.npz]
+RUN/extract/shards/               rank<r>-of-<N>.h5 [+ .skipped.jsonl] (torchrun extraction)
 RUN/features/<student>/           features.h5 (frozen student features of every view), student.json
+RUN/pixels/<size>px-<interp>/     pixels.h5 (every view rendered at a student's input size)
 RUN/align/<student>/<holdout>/    projection.safetensors, config.json, log.jsonl
 RUN/distill/<method>/<student>/<holdout>/seed<S>/   best.safetensors [swad.safetensors], config.json, log.jsonl
 RUN/evaluate/<method>[+swad]/<student>/<holdout>/seed<S>/  metrics.json
 RUN/results.jsonl                 one JSON object per evaluation
-RUN/table.md                      the results table of `pipeline run`
+RUN/table.md, table.png          the results table of `pipeline run`
+RUN/protocol.json                 what `pipeline run` ran: methods, seeds, settings, sweeps
+RUN/demo-data/                    the built-in demo dataset (`pipeline run` without --data)
 ```
 
-Every stage folder also holds its ``manifest.json`` (``cache/manifest.py``).
+Every stage folder also holds its ``manifest.json`` (``cache/manifest.py``). This module is the
+one place that names these paths; stages and commands ask it.
 """
 import json
 import os
@@ -41,6 +46,37 @@ class RunFolder:
     @property
     def index_path(self) -> Path:
         return self.extract_dir / "index.parquet"
+
+    def shard(self, rank: int, world: int) -> Path:
+        """One rank's part of the teacher cache under torchrun."""
+        return self.extract_dir / "shards" / f"rank{rank}-of-{world}.h5"
+
+    def skipped_list(self, store=None) -> Path:
+        """The skipped images of the teacher cache, or of one of its shards (``store``)."""
+        if store is None or Path(store).parent == self.extract_dir:
+            return self.extract_dir / "skipped.jsonl"
+        return Path(store).with_name(Path(store).stem + ".skipped.jsonl")
+
+    @property
+    def queries(self) -> Path:
+        """A remote teacher's query ledger."""
+        return self.extract_dir / "queries.json"
+
+    @property
+    def received(self) -> Path:
+        """Embeddings a remote teacher sent for a block not yet finished."""
+        return self.extract_dir / "received.npz"
+
+    def pixels_dir(self, spec_key: str) -> Path:
+        return self.root / "pixels" / spec_key
+
+    @property
+    def protocol(self) -> Path:
+        return self.root / "protocol.json"
+
+    @property
+    def demo_data(self) -> Path:
+        return self.root / "demo-data"
 
     @property
     def results(self) -> Path:
