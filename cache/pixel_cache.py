@@ -49,7 +49,7 @@ from PIL import Image
 
 from cache import atomic, store
 from cache.errors import BadImage
-from cache.fingerprint import sha256_bytes, sha256_json
+from cache.fingerprint import sha256_bytes
 
 
 FORMAT = "pixels"
@@ -91,11 +91,7 @@ def spec_key(spec) -> str:
 
 def mismatches(existing: dict, wanted: dict) -> list:
     """Identity attributes on which an existing cache differs from the wanted one."""
-    return [k for k in IDENTITY_KEYS if _json(existing.get(k)) != _json(wanted.get(k))]
-
-
-def _json(value):
-    return sha256_json(value) if value is not None else None
+    return store.mismatches(existing, wanted, IDENTITY_KEYS)
 
 
 def check(path, wanted: dict) -> None:
@@ -150,14 +146,13 @@ class RawWriter:
     ``status`` set once its pixels are on disk."""
 
     def __init__(self, path: Path, n: int, n_views: int, size: int, attrs: dict, blocks: list):
-        self.path, self.blocks = path, blocks
+        self.path, self.block = path, attrs["block"]
         if not path.exists():
             _create(path, {"pixels": ((n, n_views, size, size, 3), np.uint8), "status": ((n,), np.uint8)},
                     attrs, {"status": np.zeros(n, np.uint8)})
 
     def pending(self) -> list:
-        status = store.read(self.path, "status")
-        return [b for b in self.blocks if (status[b.start:b.stop] == PENDING).any()]
+        return store.pending_blocks(store.read(self.path, "status"), self.block)
 
     @contextmanager
     def opened(self):
@@ -192,7 +187,7 @@ class WebpWriter:
             if mismatches(recorded, attrs):
                 raise StalePixels(f"{self.parts}: partial pixel cache for other settings; rebuild it (--force)")
             attrs["block"] = int(recorded["block"])  # parts are whole blocks: resume with the same ones
-            self.blocks = _blocks(n, attrs["block"])
+            self.blocks = store.blocks(n, attrs["block"])
         else:
             marker.write_text(json.dumps({k: v for k, v in attrs.items() if k in (*IDENTITY_KEYS, "block")},
                                          sort_keys=True))
@@ -231,16 +226,11 @@ def writer(path, spec, n: int, n_views: int, source: dict, form: str, block: int
     if force and parts_folder(path).exists():
         shutil.rmtree(parts_folder(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return WRITERS[form](path, n, n_views, spec.size, _attrs(wanted, block), _blocks(n, block))
+    return WRITERS[form](path, n, n_views, spec.size, _attrs(wanted, block), store.blocks(n, block))
 
 
 def parts_folder(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
-
-
-def _blocks(n: int, block: int) -> list:
-    """The rows of every block: fixed runs of ``block`` rows, the last one shorter."""
-    return [range(start, min(start + block, n)) for start in range(0, n, block)]
 
 
 def _part_name(start: int) -> str:

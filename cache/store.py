@@ -32,6 +32,26 @@ def create(path, datasets: dict, attrs: dict) -> None:
         durable(f)
 
 
+def blocks(n: int, block: int) -> list:
+    """The rows of every block: fixed runs of ``block`` rows, the last one shorter."""
+    return [range(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+def pending_blocks(status: np.ndarray, block: int) -> list:
+    """The blocks (of ``status``'s rows) that still have a pending row: what a resume redoes."""
+    return [b for b in blocks(len(status), block) if (status[b.start:b.stop] == PENDING).any()]
+
+
+def mismatches(existing: dict, wanted: dict, keys) -> list:
+    """The identity attributes (``keys``) on which an existing store differs from the wanted one
+    (compared as JSON, so a tuple equals the list it was stored as)."""
+    return [k for k in keys if _as_json(existing.get(k)) != _as_json(wanted.get(k))]
+
+
+def _as_json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 def durable(f: h5py.File) -> None:
     """Flush and fsync: write errors (a full disk) raise here instead of being lost at close."""
     f.flush()

@@ -46,11 +46,6 @@ DESCRIBED_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", 
                   "remote")
 
 
-def mismatches(existing: dict, wanted: dict) -> list:
-    """Names of the identity attributes on which an existing store differs from the wanted one."""
-    return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
-
-
 def create(path, n_rows: int, n_views: int, n_params: int, dim: int, texts: dict, attrs: dict) -> None:
     """A new store with every row pending and the text embeddings written."""
     datasets = {"image_emb": ((n_rows, n_views, dim), np.float16),

@@ -103,7 +103,7 @@ class Extract(Stage):
             raise UserError(f"{store_path} was extracted with another number of processes; resume with the "
                             f"same number, or use --force")
         cached = store.read_attrs(existing)
-        differs = teacher_cache.mismatches(cached, self.wanted_attrs())
+        differs = store.mismatches(cached, self.wanted_attrs(), teacher_cache.IDENTITY_KEYS)
         if differs:
             detail = "; ".join(self._dataset_change() if k == "dataset_fingerprint" else
                                f"{k}: cached {_short(cached.get(k))}, now {_short(self.wanted_attrs().get(k))}"
@@ -216,8 +216,7 @@ class Extract(Stage):
             say(f"extract: {damaged} blocks of {store_path} were damaged; recomputing them")
         block = int(store.read_attrs(store_path)["batch_size"])
         status = store.read(store_path, "status")
-        blocks = [list(range(start, min(start + block, rows.stop))) for start in range(rows.start, rows.stop, block)
-                  if (status[start - rows.start:start - rows.start + block] == store.PENDING).any()]
+        blocks = [list(range(rows.start + b.start, rows.start + b.stop)) for b in store.pending_blocks(status, block)]
         started, done_now = time.time(), 0
         if blocks:
             dataset = ExtractionImages(index.root, index.paths, n_views, self.view_seed, teacher.input_spec,

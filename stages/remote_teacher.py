@@ -156,8 +156,7 @@ class RemoteTeacher:
         status = store.read(store_path, "status") if store_path.exists() else None
         if status is not None and len(status) == n_rows:
             block = int(store.read_attrs(store_path).get("batch_size", batch_size))
-            pending = sum(len(status[start:start + block]) for start in range(0, len(status), block)
-                          if (status[start:start + block] == store.PENDING).any())
+            pending = sum(len(b) for b in store.pending_blocks(status, block))
             texts = 0
         else:
             pending, texts = n_rows, n_prompts
