@@ -28,6 +28,37 @@ N_PARAMS = len(PARAM_NAMES)
 
 
 @dataclass(frozen=True)
+class View:
+    """One view's parameters by name; stored as the float32 vector ``PARAM_NAMES`` orders."""
+
+    x: int                 # crop box in source pixels
+    y: int
+    w: int
+    h: int
+    flip: bool
+    brightness: float      # colour-jitter factors ...
+    contrast: float
+    saturation: float
+    hue: float
+    order: tuple           # ... applied in this order (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    grayscale: bool
+
+    @classmethod
+    def from_vector(cls, params: np.ndarray) -> "View":
+        p = [float(v) for v in params]
+        return cls(int(p[0]), int(p[1]), int(p[2]), int(p[3]), bool(p[4]), p[5], p[6], p[7], p[8],
+                   tuple(int(v) for v in p[9:13]), bool(p[13]))
+
+    def vector(self) -> np.ndarray:
+        return np.array([self.x, self.y, self.w, self.h, self.flip, self.brightness, self.contrast,
+                         self.saturation, self.hue, *self.order, self.grayscale], dtype=np.float32)
+
+    @property
+    def recolours(self) -> bool:
+        return not (self.brightness == 1 and self.contrast == 1 and self.saturation == 1 and self.hue == 0)
+
+
+@dataclass(frozen=True)
 class Augment:
     """The training augmentation distribution (official defaults)."""
 
@@ -45,11 +76,7 @@ class Augment:
 
 def eval_view(width: int, height: int) -> np.ndarray:
     """The whole image, unchanged (the model's resize squashes it to a square, no crop)."""
-    params = np.zeros(N_PARAMS, np.float32)
-    params[:4] = (0, 0, width, height)
-    params[5:8] = 1.0  # brightness, contrast, saturation factors
-    params[9:13] = (0, 1, 2, 3)
-    return params
+    return View(0, 0, width, height, False, 1.0, 1.0, 1.0, 0.0, (0, 1, 2, 3), False).vector()
 
 
 def sample_views(path: str, width: int, height: int, n_views: int, seed: int,
@@ -74,8 +101,7 @@ def _sample_view(rng: np.random.Generator, width: int, height: int, aug: Augment
     brightness, contrast, saturation = rng.uniform(1 - j, 1 + j, size=3)
     hue = rng.uniform(-j, j)
     gray = float(rng.random() < aug.grayscale_p)
-    return np.array([x, y, w, h, flip, brightness, contrast, saturation, hue, *order, gray],
-                    dtype=np.float32)
+    return View(x, y, w, h, flip, brightness, contrast, saturation, hue, tuple(order), gray).vector()
 
 
 def _random_resized_crop(rng, width, height, scale, ratio):
@@ -101,21 +127,20 @@ def _random_resized_crop(rng, width, height, scale, ratio):
 
 def render(image: Image.Image, params: np.ndarray) -> Image.Image:
     """The view's pixels, at source resolution: crop, flip, colour jitter, grayscale."""
-    x, y, w, h = (int(v) for v in params[:4])
-    view = image.crop((x, y, x + w, y + h))
-    if params[4]:
+    v = View.from_vector(params)
+    view = image.crop((v.x, v.y, v.x + v.w, v.y + v.h))
+    if v.flip:
         view = ImageOps.mirror(view)
     adjust = (
-        lambda im: TF.adjust_brightness(im, float(params[5])),
-        lambda im: TF.adjust_contrast(im, float(params[6])),
-        lambda im: TF.adjust_saturation(im, float(params[7])),
-        lambda im: TF.adjust_hue(im, float(params[8])),
+        lambda im: TF.adjust_brightness(im, v.brightness),
+        lambda im: TF.adjust_contrast(im, v.contrast),
+        lambda im: TF.adjust_saturation(im, v.saturation),
+        lambda im: TF.adjust_hue(im, v.hue),
     )
-    identity = (params[5] == 1 and params[6] == 1 and params[7] == 1 and params[8] == 0)
-    if not identity:
-        for op in params[9:13].astype(int):
+    if v.recolours:
+        for op in v.order:
             view = adjust[op](view)
-    if params[13]:
+    if v.grayscale:
         view = TF.rgb_to_grayscale(view, num_output_channels=3)
     return view
 
