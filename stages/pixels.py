@@ -1,6 +1,7 @@
 """Student pixels: every recorded view rendered once at the student's input size.
 
-Training then reads uint8 pixels (format: ``cache/pixel_cache.py``; rendering: ``data/pixels.py``) and normalises them on the training device:
+Training then reads uint8 pixels (format: ``cache/pixel_cache.py``; rendering: ``data/pixels.py``)
+and normalises them on the training device:
 no decoding, no rendering on the CPU. One cache per input size and interpolation, shared by every
 method, held-out domain and seed; decode-and-render stays as the reference and the fallback.
 """
