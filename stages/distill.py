@@ -28,7 +28,7 @@ from data.images import ReplayImages
 from data.pixels import PixelBatches, normalise
 from data.views import InputSpec
 from data.sampling import BalancedViewSampler
-from stages import distributed, stage
+from stages import distributed
 from stages.fit import require_finite, source_val_accuracy
 from stages.pixels import FORMS as PIXEL_FORMS, StudentPixels
 from stages.methods import Batch, TrainJob, method_named
@@ -73,6 +73,7 @@ class Distill(Stage):
         self.swad = self.method.swad if swad is None else bool(swad)
         self.hparams = {k: v for k, v in (hparams or {}).items() if v is not None}
         self.teacher_online = teacher_online
+        self.pixels = None  # the student pixel stage, when training reads the pixel cache (``upstream``)
         self.config = {"method": self.method.name, "student": self.student, "steps": steps,
                        "per_domain": per_domain, "seed": seed, "eval_every": eval_every, "hparams": self.hparams,
                        "cutmix": cutmix, "swad": self.swad, "anchors": anchors,
@@ -86,6 +87,16 @@ class Distill(Stage):
         rank, world = distributed.world()
         self.method.check_settings(per_domain=self.config["per_domain"], n_sources=len(self.sources), world=world,
                                    teacher_online=self.teacher_online)
+
+    def upstream(self) -> list:
+        """The student pixel cache at the student's input size: the exact pixels, rendered once."""
+        if self.pixel_cache == "none" or self.teacher_online:
+            return []
+        spec = self.method.input_spec(self.student, TeacherCache(self.run.teacher_cache))
+        if spec is None:
+            return []
+        self.pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
+        return [self.pixels]
 
     def compute(self) -> dict | None:
         cache = TeacherCache(self.run.teacher_cache)
@@ -107,12 +118,10 @@ class Distill(Stage):
         c = self.config
         online = OnlineTargets(teacher_of_cache(cache)) if self.teacher_online else None
         pixel_spec = None
-        if self.pixel_cache != "none" and online is None:  # the exact same pixels, rendered once
-            pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
-            if distributed.is_main():  # under torchrun rank 0 renders; the others read once it is done
-                stage.run(pixels, quiet=True)
-            distributed.barrier()
-            dataset, pixel_spec = pixels.dataset(), spec
+        if self.pixels is not None:  # the exact same pixels, rendered once (``upstream``)
+            if self.pixels.spec != spec:
+                raise RuntimeError(f"the pixel cache was rendered at {self.pixels.spec}, the student reads {spec}")
+            dataset, pixel_spec = self.pixels.dataset(), spec
         else:
             dataset = ReplayImages(self.index.root, self.index.paths, cache.view_params, spec,
                                    teacher_spec=online.teacher.input_spec if online else None)

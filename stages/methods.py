@@ -206,6 +206,11 @@ class Method:
         return cls.build(backbone, feature_dim(backbone), text), spec
 
     @classmethod
+    def input_spec(cls, student: dict, cache: TeacherCache):
+        """The input spec of the student's images (what its pixel cache is rendered at)."""
+        return create_backbone(student["student"], student["student_weights"], student["student_size"])[1]
+
+    @classmethod
     def loaded_weights(cls, student: dict) -> str | None:
         """The student's starting weights, as loaded (e.g. a timm tag), for the results row."""
         return resolved_weights(student["student"], student["student_weights"])
@@ -366,6 +371,10 @@ class SD(ADiP):
         return cls.build(teacher.model.visual.float(), cache.dim, text), teacher.input_spec
 
     @classmethod
+    def input_spec(cls, student, cache):
+        return teacher_of_cache(cache, weights=False).input_spec
+
+    @classmethod
     def loaded_weights(cls, student):
         return None  # the teacher's own weights, recorded with the cache
 
@@ -506,6 +515,10 @@ class CacheMethod:
     @classmethod
     def evaluate(cls, job: ScoreJob) -> dict:
         return job.score_embeddings(cls.logits_of(job.weights, job.cache))
+
+    @classmethod
+    def input_spec(cls, student, cache):
+        return None  # no images: nothing to render
 
     @classmethod
     def loaded_weights(cls, student):

@@ -3,9 +3,10 @@
 Every stage (extract, student features, align, distill, evaluate) is a ``Stage``: a folder in the
 run folder, a ``config`` (its settings), ``inputs`` (fingerprints of what it reads: other stages'
 outputs, the dataset, the teacher's weights), ``outputs`` (files it writes in its folder) and
-``compute``. ``run`` is the one place that decides: skip when the manifest says the stage is
-fresh, otherwise check, forget the old record, compute, and write the new manifest (the shape of
-a DVC stage).
+``compute``, and the ``upstream`` stages it needs first (distill: the student pixel cache).
+``run`` is the one place that decides: skip when the manifest says the stage is fresh, otherwise
+check, bring the upstream stages up to date, forget the old record, compute, and write the new
+manifest (the shape of a DVC stage).
 """
 import fcntl
 import json
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from cache import manifest
 from cache.errors import UserError
 from cache.progress import say
-from stages.distributed import is_main
+from stages.distributed import barrier, is_main
 
 
 class Stage:
@@ -34,6 +35,10 @@ class Stage:
 
     def check(self) -> None:
         """Refuse bad settings before anything is forgotten (raise UserError)."""
+
+    def upstream(self) -> list:
+        """Stages whose outputs ``compute`` reads and that the runner brings up to date first."""
+        return []
 
     def compute(self) -> dict | None:
         """Write the outputs into ``folder``; return the summary (None: another rank writes)."""
@@ -88,6 +93,10 @@ def run(stage: Stage, force: bool = False, quiet: bool = False) -> dict | None:
 
 def _recompute(stage: Stage) -> dict | None:
     stage.check()
+    for before in stage.upstream():
+        if is_main():  # under torchrun rank 0 computes it; the others read it once it is done
+            run(before, quiet=True)
+        barrier()
     Path(stage.folder).mkdir(parents=True, exist_ok=True)
     previous = manifest.invalidate(stage.folder)  # an interrupted recompute is never taken as fresh
     try:
