@@ -342,28 +342,35 @@ class ADiP(Method):
                                 None if b.labels_b is None else classifier[b.labels_b], b.mix)
 
 
-class SD(ADiP):
+class FixedStudent:
+    """A student the user does not choose (``fixed_key``): one folder key, no student options."""
+
+    fixed_key = ""
+
+    @classmethod
+    def resolve(cls, run, holdout, student, student_weights, student_size):
+        return cls.fixed_key, {"student": cls.fixed_key}
+
+    @classmethod
+    def trained_key(cls, run, holdout, student, seed, variant):
+        return cls.fixed_key
+
+    @classmethod
+    def run_options(cls, student, aligned):
+        return {}
+
+
+class SD(FixedStudent, ADiP):
     """VL2V-SD: the student is the teacher's own image tower (white-box), trained end to end with
     the same loss, no extra projection."""
 
     name, needs_alignment, in_default_run = "sd", False, False
+    fixed_key = TEACHER_TOWER
     demo = {"lr": 3e-4}  # not tuned
 
     @classmethod
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
         return steps * batch
-
-    @classmethod
-    def resolve(cls, run, holdout, student, student_weights, student_size):
-        return TEACHER_TOWER, {"student": TEACHER_TOWER}
-
-    @classmethod
-    def trained_key(cls, run, holdout, student, seed, variant):
-        return TEACHER_TOWER
-
-    @classmethod
-    def run_options(cls, student, aligned):
-        return {}
 
     @classmethod
     def build_student(cls, student, cache, text, teacher_weights):
@@ -467,10 +474,10 @@ class RISE(Method):
         return self.hp["w_kd"] * kd + self.hp["w_ce"] * ce + self.hp["w_dist"] * dist
 
 
-class CacheMethod:
+class CacheMethod(FixedStudent):
     """A method of the cached teacher embeddings alone: no student, no images, no teacher."""
 
-    name = ""
+    name, fixed_key = "", TEACHER
     needs_alignment = swad = False
     in_default_run = True
     trains = True   # fits something on the cache (with the alignment step budget)
@@ -482,18 +489,6 @@ class CacheMethod:
     @classmethod
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
         return 0
-
-    @classmethod
-    def resolve(cls, run, holdout, student, student_weights, student_size):
-        return TEACHER, {"student": TEACHER}
-
-    @classmethod
-    def trained_key(cls, run, holdout, student, seed, variant):
-        return TEACHER
-
-    @classmethod
-    def run_options(cls, student, aligned):
-        return {}
 
     @classmethod
     def schedule(cls, settings, cutmix):
