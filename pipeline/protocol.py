@@ -78,10 +78,10 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         chosen = parse_list(holdouts, "holdouts") if holdouts else index.domains
         for holdout in chosen:
             index.check_holdout(holdout)
-        grid = Grid(settings=settings, methods=chosen_methods, first_seed=seed_list[0],
+        shared = UnitSettings(settings=settings, methods=chosen_methods, first_seed=seed_list[0],
                     n_sources=len(index.domains) - 1, cutmix=cutmix, pixel_cache=pixel_cache, workers=workers,
                     force=force)
-        done = run_units(run, grid, [(holdout, seed) for holdout in chosen for seed in seed_list], jobs)
+        done = run_units(run, shared, [(holdout, seed) for holdout in chosen for seed in seed_list], jobs)
         results = [r for unit in done for r in unit["results"]]
         sweeps = [s for unit in done for s in unit["sweeps"]]
         official = sum(unit["official"] for unit in done)
@@ -110,22 +110,22 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
     return text
 
 
-def run_units(run, grid: "Grid", units: list, jobs: int) -> list:
+def run_units(run, shared: "UnitSettings", units: list, jobs: int) -> list:
     """Every (held-out domain, seed) unit, in this process or in ``jobs`` processes side by side
     (each stage locks only its own folder)."""
     if jobs == 1:
-        return [run_unit(run.root, grid, *unit) for unit in units]
+        return [run_unit(run.root, shared, *unit) for unit in units]
     say(f"run: {len(units)} (held-out domain, seed) trainings over {jobs} processes")
     devices = multiprocessing.get_context("spawn").Manager().Queue()
     for i in range(jobs):
         devices.put(i % torch.cuda.device_count() if torch.cuda.device_count() else None)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_one_device, initargs=(devices, jobs)) as pool:
-        return list(pool.map(run_unit, [run.root] * len(units), [grid] * len(units), *zip(*units)))
+        return list(pool.map(run_unit, [run.root] * len(units), [shared] * len(units), *zip(*units)))
 
 
 @dataclass
-class Grid:
+class UnitSettings:
     """What every (held-out domain, seed) training of one `pipeline run` shares."""
 
     settings: dict
@@ -155,9 +155,9 @@ def _one_device(devices, jobs: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
-def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
+def run_unit(run_root, shared: UnitSettings, holdout: str, seed: int) -> dict:
     """Align (once per held-out domain and seed), then train and evaluate every method."""
-    run, settings, force, workers = RunFolder(run_root), grid.settings, grid.force, grid.workers
+    run, settings, force, workers = RunFolder(run_root), shared.settings, shared.force, shared.workers
     timings, sweeps, results, official = {}, [], [], 0
     timed = partial(_timed, timings)
 
@@ -167,14 +167,14 @@ def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
     train = {"steps": settings["steps"], "per_domain": settings["per_domain"],
              "eval_every": settings["eval_every"], "workers": workers}
     aligned = None  # this run's student, so other students in the run folder are never mixed in
-    if any(METHODS[m].needs_alignment for m in grid.methods):
+    if any(METHODS[m].needs_alignment for m in shared.methods):
         aligned = timed("align", lambda: run_alignment(
             run, **student, holdout=holdout, steps=settings["align_steps"], per_domain=settings["per_domain"],
             lr=settings["align_lr"], seed=seed, eval_every=settings["eval_every"], workers=workers, force=force))
     trained_key = aligned
-    for name in grid.methods:
+    for name in shared.methods:
         method = METHODS[name]
-        if not method.seeded and seed != grid.first_seed:
+        if not method.seeded and seed != shared.first_seed:
             continue  # no randomness: one evaluation serves every seed
         preset_settings = config.method_settings(settings, name)
         hparams = {**(method.demo if settings["demo"] else {}), **preset_settings.get("hparams", {})}
@@ -187,7 +187,7 @@ def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
                 variant = variant_name(point) if len(points) > 1 else None
                 distill = Distill(run, name, holdout, **own, seed=seed, hparams={**hparams, **point},
                                   anchors=preset_settings.get("anchors", "domains"), variant=variant,
-                                  pixel_cache=grid.pixel_cache, **{**train, **method.schedule(settings, grid.cutmix)})
+                                  pixel_cache=shared.pixel_cache, **{**train, **method.schedule(settings, shared.cutmix)})
                 summary = timed("distill", lambda: stage.run(distill, force))
                 candidates.append({"variant": variant, "hparams": point,
                                    "best_source_val_acc": summary["best_source_val_acc"]})
@@ -207,5 +207,5 @@ def run_unit(run_root, grid: Grid, holdout: str, seed: int) -> dict:
             say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
                 f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
         official += len(points) * method.official_teacher_forwards(
-            steps=settings["steps"], align_steps=settings["align_steps"], batch=settings["per_domain"] * grid.n_sources)
+            steps=settings["steps"], align_steps=settings["align_steps"], batch=settings["per_domain"] * shared.n_sources)
     return {"results": results, "sweeps": sweeps, "official": official, "timings": timings}
