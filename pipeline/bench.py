@@ -82,7 +82,7 @@ def bench(*, teacher: str, pretrained, student: str, student_weights: str, stude
         extract_ips = n_images / summary["seconds"]
         cache = TeacherCache(run.teacher_cache)
         index = run.load_index()
-        model = teacher_of_cache(cache)
+        model = teacher_of_cache(cache.attrs)
 
         # The teacher alone, on tensors already decoded and preprocessed: images (all K views) per second.
         dataset = ReplayImages(index.root, index.paths, cache.view_params, model.input_spec)

@@ -18,7 +18,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from cache import atomic
+from cache import atomic, store
 from cache.errors import UserError
 from cache.fingerprint import sha256_json
 from cache.progress import Interrupted, StopFlag, progress, say
@@ -92,7 +92,7 @@ class Distill(Stage):
         """The student pixel cache at the student's input size: the exact pixels, rendered once."""
         if self.pixel_cache == "none" or self.teacher_online:
             return []
-        spec = self.method.input_spec(self.student, TeacherCache(self.run.teacher_cache))
+        spec = self.method.input_spec(self.student, store.read_attrs(self.run.teacher_cache))
         if spec is None:
             return []
         self.pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
@@ -116,7 +116,7 @@ class Distill(Stage):
     def _train(self, trainer, spec, cache) -> tuple:
         """The training loop over replayed views at ``spec``: ({name: state}, log)."""
         c = self.config
-        online = OnlineTargets(teacher_of_cache(cache)) if self.teacher_online else None
+        online = OnlineTargets(teacher_of_cache(cache.attrs)) if self.teacher_online else None
         pixel_spec = None
         if self.pixels is not None:  # the exact same pixels, rendered once (``upstream``)
             if self.pixels.spec != spec:

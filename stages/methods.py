@@ -206,8 +206,9 @@ class Method:
         return cls.build(backbone, feature_dim(backbone), text), spec
 
     @classmethod
-    def input_spec(cls, student: dict, cache: TeacherCache):
-        """The input spec of the student's images (what its pixel cache is rendered at)."""
+    def input_spec(cls, student: dict, cache_attrs: dict):
+        """The input spec of the student's images (what its pixel cache is rendered at), from the
+        student's description and the teacher cache's attributes (no cache rows are read)."""
         return create_backbone(student["student"], student["student_weights"], student["student_size"])[1]
 
     @classmethod
@@ -374,12 +375,12 @@ class SD(FixedStudent, ADiP):
 
     @classmethod
     def build_student(cls, student, cache, text, teacher_weights):
-        teacher = teacher_of_cache(cache, weights=teacher_weights)
+        teacher = teacher_of_cache(cache.attrs, weights=teacher_weights)
         return cls.build(teacher.model.visual.float(), cache.dim, text), teacher.input_spec
 
     @classmethod
-    def input_spec(cls, student, cache):
-        return teacher_of_cache(cache, weights=False).input_spec
+    def input_spec(cls, student, cache_attrs):
+        return teacher_of_cache(cache_attrs, weights=False).input_spec
 
     @classmethod
     def loaded_weights(cls, student):
@@ -512,7 +513,7 @@ class CacheMethod(FixedStudent):
         return job.score_embeddings(cls.logits_of(job.weights, job.cache))
 
     @classmethod
-    def input_spec(cls, student, cache):
+    def input_spec(cls, student, cache_attrs):
         return None  # no images: nothing to render
 
     @classmethod

@@ -78,17 +78,18 @@ class OpenClipTeacher:
         return (F.normalize(embeddings, dim=-1) if normalize else embeddings).cpu()
 
 
-def teacher_of_cache(cache, weights: bool = True) -> OpenClipTeacher:
-    """The teacher a ``TeacherCache`` was made with (its architecture only, without ``weights``)."""
-    if str(cache.attrs["teacher"]).startswith("remote:"):
-        raise UserError(f"this cache was extracted from a remote teacher service ({cache.attrs['teacher']}); this "
+def teacher_of_cache(attrs: dict, weights: bool = True) -> OpenClipTeacher:
+    """The teacher a teacher cache was made with, from its attributes (its architecture only, without
+    ``weights``)."""
+    if str(attrs["teacher"]).startswith("remote:"):
+        raise UserError(f"this cache was extracted from a remote teacher service ({attrs['teacher']}); this "
                         f"needs the teacher's weights (white-box); a remote teacher has none: extract with a "
                         f"local --teacher NAME --pretrained TAG instead")
-    teacher = OpenClipTeacher(cache.attrs["teacher"], cache.attrs["pretrained"] if weights else None,
+    teacher = OpenClipTeacher(attrs["teacher"], attrs["pretrained"] if weights else None,
                               device=str(device()))
-    if weights and teacher.identity["checkpoint_sha256"] != cache.attrs["checkpoint_sha256"]:
-        raise UserError(f"the teacher checkpoint changed since extraction ({cache.attrs['teacher']}, "
-                        f"{cache.attrs['pretrained']}); this needs the teacher the cache was made with")
+    if weights and teacher.identity["checkpoint_sha256"] != attrs["checkpoint_sha256"]:
+        raise UserError(f"the teacher checkpoint changed since extraction ({attrs['teacher']}, "
+                        f"{attrs['pretrained']}); this needs the teacher the cache was made with")
     return teacher
 
 
