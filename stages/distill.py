@@ -18,7 +18,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from cache import atomic, store
+from cache import atomic
 from cache.errors import UserError
 from cache.fingerprint import sha256_json
 from cache.progress import Interrupted, StopFlag, progress, say
@@ -87,19 +87,22 @@ class Distill(Stage):
         rank, world = distributed.world()
         self.method.check_settings(per_domain=self.config["per_domain"], n_sources=len(self.sources), world=world,
                                    teacher_online=self.teacher_online)
+        # loaded (and its checksums verified) before any upstream work: a damaged cache refuses
+        # the command before the pixel stage renders anything from it
+        self.cache = TeacherCache(self.run.teacher_cache)
 
     def upstream(self) -> list:
         """The student pixel cache at the student's input size: the exact pixels, rendered once."""
         if self.pixel_cache == "none" or self.teacher_online:
             return []
-        spec = self.method.input_spec(self.student, store.read_attrs(self.run.teacher_cache))
+        spec = self.method.input_spec(self.student, self.cache.attrs)
         if spec is None:
             return []
         self.pixels = StudentPixels(self.run, spec, form=self.pixel_cache, workers=self.workers)
         return [self.pixels]
 
     def compute(self) -> dict | None:
-        cache = TeacherCache(self.run.teacher_cache)
+        cache = self.cache
         started = time.time()
         job = TrainJob(cache=cache, labels=torch.as_tensor(self.index.label), train_rows=self.train_rows,
                        val_rows=self.val_rows, sources=self.sources, student=self.student, config=self.config,
