@@ -12,8 +12,12 @@ model class, input checks and a few server settings. Endpoints (REST, JSON):
 The format (metadata keys, encodings, input names) is ``stages/teacher_wire.py``, shared with the client.
 
 Bad input (an oversized body, too many items, an undecodable image, a wrong size, datatype or
-shape) gets a 4xx with a message, never a crash.
+shape) gets a 4xx with a message, never a crash; a body not received within ``body_timeout``
+seconds gets 408. With a token set (``--token-env``), every route but the health probes
+(``/``, ``/v2/health/live``, ``/v2/health/ready``) answers 401 without it.
 """
+import asyncio
+import hmac
 import json
 import os
 import random
@@ -28,14 +32,15 @@ from stages import teacher_wire as wire
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a request body larger than this gets 413
 MAX_ITEMS = 1024                     # images or texts in one request
 MAX_TEXT_CHARS = 2000
+BODY_TIMEOUT_S = 60.0                # the whole request body must arrive within this, or 408
+OPEN_PATHS = {"/", "/v2/health/live", "/v2/health/ready"}  # liveness and readiness: no token needed
 
 
 def _kserve():
     """Import KServe without letting it parse our command line (it reads sys.argv on import)."""
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        import kserve
-        from kserve import model_server  # noqa: F401  (parses the emptied argv once)
+        import kserve.model_server  # parses the emptied argv once; binds ``kserve`` too
     except ImportError:
         from cache.errors import UserError
         raise UserError('serve-teacher needs the optional server: pip install -e ".[serve]"') from None
@@ -89,7 +94,6 @@ def build_model(teacher, model_name: str):
         async def predict(self, payload, headers=None):
             # Decoding and the forward pass run off the event loop, so health and metadata
             # calls stay answered while a batch computes; one forward pass at a time.
-            import asyncio
             return await asyncio.to_thread(self.predict_now, payload)
 
         def predict_now(self, payload):
@@ -132,53 +136,78 @@ def build_model(teacher, model_name: str):
 
 
 class LimitsMiddleware:
-    """ASGI middleware: refuses oversized bodies (413), checks the bearer token (401) and, for
-    tests only, injects faults (429 with Retry-After, slow replies) into inference calls."""
+    """ASGI middleware in front of every route: checks the bearer token (401), reads the whole
+    request body within ``body_timeout`` seconds (408) and ``max_body`` bytes (413) before any
+    route code runs, and, for tests only, injects faults (429 with Retry-After, slow replies)
+    into inference calls."""
 
-    def __init__(self, app, max_body: int, token: str | None, faults: dict | None):
-        self.app, self.max_body, self.token, self.faults = app, max_body, token, faults or {}
+    def __init__(self, app, max_body: int, token: str | None, faults: dict | None,
+                 body_timeout: float = BODY_TIMEOUT_S):
+        self.app, self.max_body, self.faults, self.body_timeout = app, max_body, faults or {}, body_timeout
+        self.expected = None if token is None else b"Bearer " + token.encode()
         self.rng = random.Random(self.faults.get("seed", 0))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # lifespan events; the app has no websocket routes
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.token is not None and scope["path"].startswith("/v2/models"):
-            if headers.get(b"authorization", b"") != b"Bearer " + self.token.encode():
-                return await _reply(send, 401, "missing or wrong bearer token")
+        # With a token, every route needs it but an allow-list of health probes (open for
+        # orchestrators): KServe's other routes (/v1, /v2 server metadata, model repository
+        # load/unload, /metrics) are guarded rather than turned off, and so is any route a later
+        # KServe adds.
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                return await _reply(send, 401, "missing or wrong bearer token", close=True)
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _reply(send, 413, f"request body over {self.max_body} bytes; send fewer items per request")
+            return await _reply(send, 413, f"request body over {self.max_body} bytes; send fewer items per request",
+                                close=True)
         if scope["path"].endswith("/infer") and self.faults:
             draw = self.rng.random()
             if draw < self.faults.get("429", 0.0):
                 return await _reply(send, 429, "injected: too many requests",
                                     [(b"retry-after", str(self.faults.get("retry_after", 0.1)).encode())])
             if draw < self.faults.get("429", 0.0) + self.faults.get("slow", 0.0):
-                import asyncio
                 await asyncio.sleep(float(self.faults.get("slow_s", 2.0)))
-        seen = 0
+        body = await self._read_body(receive, send)
+        if body is None:  # refused, or the client went away
+            return
+        replayed = False
 
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
+        async def replay():  # the body once, then the server's own messages (a disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _read_body(self, receive, send) -> bytes | None:
+        """The whole body; a client that sends it too slowly or too much gets 408 or 413 and the
+        connection closed, so a stalled upload cannot hold a connection open for ever."""
+        loop = asyncio.get_running_loop()
+        deadline, chunks, seen = loop.time() + self.body_timeout, [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                await _reply(send, 408, f"request body not received within {self.body_timeout:g} s", close=True)
+                return None
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.max_body:
-                raise _TooLarge()
-            return message
-
-        try:
-            return await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            return await _reply(send, 413, f"request body over {self.max_body} bytes")
+                await _reply(send, 413, f"request body over {self.max_body} bytes", close=True)
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _reply(send, status: int, message: str, extra=()):
+async def _reply(send, status: int, message: str, extra=(), close: bool = False):
     body = json.dumps({"error": message}).encode()
+    extra = [*extra, (b"connection", b"close")] if close else extra  # the rest of an unread body is not parsed
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *extra]})
@@ -194,10 +223,10 @@ def parse_faults(spec: str | None) -> dict | None:
 
 def serve(teacher_name: str, pretrained, *, host: str = "127.0.0.1", port: int = 8080, model_name: str = "teacher",
           token_env: str = "PIPELINE_TEACHER_TOKEN", max_body: int = MAX_BODY_BYTES, faults: str | None = None,
-          device: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+          device: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+          body_timeout: float = BODY_TIMEOUT_S) -> None:
     """Load the teacher and serve it until SIGINT/SIGTERM."""
     _kserve()
-    import asyncio
     import logging
 
     from fastapi.responses import JSONResponse
@@ -230,7 +259,8 @@ def serve(teacher_name: str, pretrained, *, host: str = "127.0.0.1", port: int =
 
     app.add_api_route("/v2/models/{model_name_}", metadata, methods=["GET"])  # first match wins
     token = os.environ.get(token_env) or None
-    app.add_middleware(LimitsMiddleware, max_body=max_body, token=token, faults=parse_faults(faults))
+    app.add_middleware(LimitsMiddleware, max_body=max_body, token=token, faults=parse_faults(faults),
+                       body_timeout=body_timeout)
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
     print(f"serve-teacher: {teacher_name} as '{model_name}' (dim {described.embed_dim}, input {described.spec.size} "
           f"px, version {described.version[:16]}) on {'https' if tls_cert else 'http'}://{host}:{port}"

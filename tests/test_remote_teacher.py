@@ -36,10 +36,13 @@ def free_port() -> int:
 class Server:
     """`pipeline serve-teacher` in a subprocess on 127.0.0.1."""
 
-    def __init__(self, teacher_dir, log_path, *extra, env=None):
+    def __init__(self, teacher_dir, log_path, *extra, env=None, settings=None):
         self.port, self.log_path, self.env = free_port(), Path(log_path), {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.cmd = [sys.executable, "-m", "pipeline", "serve-teacher", "--teacher", f"local-dir:{teacher_dir}",
                     "--host", "127.0.0.1", "--port", str(self.port), *map(str, extra)]
+        if settings:  # serve()'s keyword arguments that have no command-line option (a short body timeout)
+            call = f"serve({f'local-dir:{teacher_dir}'!r}, None, host='127.0.0.1', port={self.port}, **{settings!r})"
+            self.cmd = [sys.executable, "-c", "from pipeline.serve import serve; " + call]
         scheme = "https" if "--tls-cert" in extra else "http"
         self.url, self.proc, self.starts = f"{scheme}://127.0.0.1:{self.port}", None, 0
         self.verify = True
@@ -220,6 +223,86 @@ def test_bad_input_gets_4xx_and_the_server_lives(server):
     meta = httpx.get(server.url + "/v2/models/teacher", timeout=5).json()
     assert meta["parameters"]["size"] == 32 and meta["parameters"]["embed_dim"] == 32
     assert meta["versions"] == [meta["parameters"]["version"]]
+
+
+def test_with_a_token_every_route_but_the_health_probes_needs_it(teacher_dir, tmp_path):
+    """Every route KServe serves (listed by its own OpenAPI document, plus the routes it leaves out
+    of it) answers 401 without the token or with a wrong one, before any route code runs."""
+    import httpx
+    from pipeline.serve import OPEN_PATHS
+    server = Server(teacher_dir, tmp_path / "serve.log", env={"PIPELINE_TEACHER_TOKEN": TOKEN}).start()
+    try:
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        schema = httpx.get(server.url + "/openapi.json", headers=good, timeout=5)
+        assert schema.status_code == 200
+        routes = {(method.upper(), path) for path, methods in schema.json()["paths"].items() for method in methods}
+        routes |= {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/no/such/route"),
+                   ("POST", "/v2/models/{model_name}/versions/{model_version}/infer"),
+                   ("GET", "/v2/models/{model_name}/versions/{model_version}")}
+        assert {("GET", "/v2"), ("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/models/{model_name}:predict"),
+                ("POST", "/v2/repository/models/{model_name}/unload")} <= routes
+        checked = 0
+        for method, path in sorted(routes):
+            url = server.url + path.replace("{model_version}", "1").replace("{model_name_}", "teacher") \
+                .replace("{model_name}", "teacher")
+            body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]} \
+                if method == "POST" else None
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                reply = httpx.request(method, url, json=body, headers=headers, timeout=5)
+                expected = 200 if path in OPEN_PATHS else 401
+                assert reply.status_code == expected, (method, path, headers, reply.status_code, reply.text[:200])
+            checked += 1
+        print(f"\ntoken: {checked} routes checked, {len(OPEN_PATHS)} open without it ({', '.join(sorted(OPEN_PATHS))})")
+        assert {p for _, p in routes} >= OPEN_PATHS and checked >= 20
+        # with the token, inference and metadata still work
+        reply = httpx.post(server.url + "/v2/models/teacher/infer", headers=good, timeout=10, json=body)
+        assert reply.status_code == 200 and reply.json()["outputs"][0]["shape"] == [1, 32]
+        assert httpx.get(server.url + "/v2/models/teacher", headers=good, timeout=5).status_code == 200
+    finally:
+        server.stop()
+    assert TOKEN not in (tmp_path / "serve.log").read_text()
+
+
+def test_a_slow_or_stalled_body_gets_408_in_bounded_time(teacher_dir, tmp_path):
+    """A client that stalls mid-body, or trickles it a byte at a time, gets 408 and the connection
+    closed once the body timeout passes; an endless chunked body gets 413; the server lives."""
+    import httpx
+    server = Server(teacher_dir, tmp_path / "serve.log",
+                    settings={"body_timeout": 1.0, "max_body": 1 << 20}).start()
+
+    def send_slowly(head: bytes, trickle: bool) -> tuple:
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head + b'{"inputs": [')
+            started, reply = time.time(), b""
+            s.settimeout(0.2)
+            while time.time() - started < 10:
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    if trickle:
+                        s.sendall(b" ")
+                    continue
+                if not chunk:  # the server closed the connection
+                    break
+                reply += chunk
+            return time.time() - started, reply
+
+    try:
+        head = (b"POST /v2/models/teacher/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n")
+        for trickle in (False, True):
+            seconds, reply = send_slowly(head, trickle)
+            print(f"\nslow body ({'trickled' if trickle else 'stalled'}): 408 after {seconds:.2f} s")
+            assert reply.startswith(b"HTTP/1.1 408") and b"connection: close" in reply.lower(), reply[:300]
+            assert 0.9 < seconds < 3, seconds
+        endless = (b" " * 65536 for _ in range(100))  # 6.4 MB with no Content-Length: chunked
+        reply = httpx.post(server.url + "/v2/models/teacher/infer", content=endless, timeout=10)
+        assert reply.status_code == 413
+        assert httpx.get(server.url + "/v2/health/ready", timeout=5).status_code == 200
+        text = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
+        assert httpx.post(server.url + "/v2/models/teacher/infer", json=text, timeout=10).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_faults_kills_429s_and_slow_replies(teacher_dir, extracted, dataset, tmp_path, monkeypatch):
