@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import threading
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,17 +54,26 @@ from cache.fingerprint import sha256_bytes
 
 
 FORMAT = "pixels"
-VERSION = 1
+VERSION = 2  # 2: a CRC32 per view
 DEFAULT_FORM = "raw"
 PENDING, DONE, FAILED = store.PENDING, store.DONE, store.FAILED
 WEBP_OPTIONS = {"lossless": True, "method": 2, "quality": 50}  # measured: 0.38-0.44 x raw, ~11 ms/view encode
 
 # Attributes that must match for an existing cache to be reused; any difference is a rebuild.
+CRC = "view_crc32"  # [images, views] uint32: CRC32 of each stored view, checked on every read
 IDENTITY_KEYS = ("format", "pixels_version", "form", "size", "interpolation", "views", "images", "source")
 
 
 class StalePixels(Exception):
     """An existing pixel cache was built for other views, images, size or form."""
+
+
+class DamagedPixels(Exception):
+    """Views whose bytes no longer match their CRC32 (``rows``: their rows)."""
+
+    def __init__(self, path, rows):
+        self.rows = sorted(set(int(r) for r in rows))
+        super().__init__(f"{path}: {len(self.rows)} rows hold views that do not match their checksums")
 
 
 
@@ -114,25 +124,7 @@ def decode_webp(data, out: np.ndarray) -> None:
         out[...] = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
 
 
-def _preallocate(f: h5py.File, name: str, shape, dtype) -> None:
-    """A contiguous dataset whose space is allocated now (and never filled): later writes only
-    touch raw data."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    dcpl.set_obj_track_times(False)
-    tid = h5py.h5t.py_create(np.dtype(dtype), logical=True)
-    h5py.h5d.create(f.id, name.encode(), tid, h5py.h5s.create_simple(tuple(shape)), dcpl=dcpl)
-
-
-def _create(path: Path, datasets: dict, attrs: dict, fill: dict) -> None:
-    with atomic.replacing(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
-        for name, (shape, dtype) in datasets.items():
-            _preallocate(f, name, shape, dtype)
-        for name, data in fill.items():
-            f[name][...] = data
-        store.write_attrs(f, attrs)
+NO_ROOM = "free space or use --pixel-cache webp|none"
 
 
 def _attrs(wanted: dict, block: int) -> dict:
@@ -142,33 +134,46 @@ def _attrs(wanted: dict, block: int) -> dict:
 
 
 class RawWriter:
-    """The raw form: ``pixels`` allocated whole at creation, each block written in place, its
-    ``status`` set once its pixels are on disk."""
+    """The raw form: ``pixels`` allocated whole at creation, each block written in place with its
+    views' CRC32s, its ``status`` set once its pixels are on disk."""
 
     def __init__(self, path: Path, n: int, n_views: int, size: int, attrs: dict, blocks: list):
         self.path, self.block = path, attrs["block"]
         if not path.exists():
-            _create(path, {"pixels": ((n, n_views, size, size, 3), np.uint8), "status": ((n,), np.uint8)},
-                    attrs, {"status": np.zeros(n, np.uint8)})
+            store.create(path, {"pixels": ((n, n_views, size, size, 3), np.uint8), CRC: ((n, n_views), np.uint32),
+                                "status": ((n,), np.uint8)}, attrs, advice=NO_ROOM)
 
     def pending(self) -> list:
         return store.pending_blocks(store.read(self.path, "status"), self.block)
 
     @contextmanager
     def opened(self):
-        with h5py.File(self.path, "r+") as f:
-            self._file = f
+        with store.Rows(self.path) as self._rows:
             yield self
 
     def write(self, rows: list, payload, errors: list) -> None:
-        f, where = self._file, slice(rows[0], rows[-1] + 1)
-        f["pixels"][where] = payload.numpy()
-        store.durable(f)  # a row is marked done only once its pixels are on disk
-        f["status"][where] = [FAILED if e else DONE for e in errors]
-        store.durable(f)
+        pixels = payload.numpy()
+        self._rows.write("pixels", rows[0], pixels)
+        self._rows.write(CRC, rows[0], view_crcs(pixels.reshape(*pixels.shape[:2], -1)))
+        self._rows.sync()  # a row is marked done only once its pixels are on disk
+        self._rows.write("status", rows[0], np.array([FAILED if e else DONE for e in errors], np.uint8))
+        self._rows.sync()
 
     def finish(self) -> None:
         pass
+
+
+def view_crcs(views) -> np.ndarray:
+    """[rows, views] CRC32 of each view's bytes (raw pixels, or the encoded WebP)."""
+    return np.array([[zlib.crc32(v) for v in row] for row in views], np.uint32).reshape(len(views), -1)
+
+
+def mark_pending(path, rows) -> None:
+    """Rows whose views failed their CRC: pending again, so the pixel stage renders them anew."""
+    with store.Rows(path) as out:
+        for row in sorted(set(int(r) for r in rows)):
+            out.write("status", row, np.zeros(1, np.uint8))
+        out.sync()
 
 
 class WebpWriter:
@@ -218,6 +223,8 @@ def writer(path, spec, n: int, n_views: int, source: dict, form: str, block: int
     over). An existing cache for other views/images/size/form is refused (StalePixels) unless ``force``."""
     path = Path(path)
     wanted = identity(spec, n, n_views, source, form)
+    if path.exists() and not store.readable(path):  # truncated or not HDF5: derived data, rendered anew
+        path.unlink()
     if path.exists():
         if force:
             path.unlink()
@@ -244,9 +251,7 @@ def _write_part(path: Path, encoded, errors) -> None:
     data = np.frombuffer(b"".join(flat), np.uint8)
     status = np.array([FAILED if e else DONE for e in errors], np.uint8)
     with atomic.replacing(path, ".tmp.npz") as tmp:  # savez keeps a name that ends in .npz
-        np.savez(tmp, data=data, offsets=offsets, status=status)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        np.savez(tmp, data=data, offsets=offsets, status=status, crc=view_crcs(encoded))
 
 
 def _join_parts(path: Path, parts: Path, blocks, n: int, n_views: int, attrs: dict) -> None:
@@ -255,20 +260,21 @@ def _join_parts(path: Path, parts: Path, blocks, n: int, n_views: int, attrs: di
         with np.load(parts / _part_name(b.start)) as part:
             sizes.append(int(part["offsets"][-1]))
     total = sum(sizes)
-    with atomic.replacing(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
-        _preallocate(f, "data", (max(total, 1),), np.uint8)
-        _preallocate(f, "offsets", (n * n_views + 1,), np.int64)
-        _preallocate(f, "status", (n,), np.uint8)
-        base = 0
-        for b in blocks:
-            with np.load(parts / _part_name(b.start)) as part:
-                size = int(part["offsets"][-1])
-                if size:
-                    f["data"][base:base + size] = part["data"]
-                f["offsets"][b.start * n_views:b.stop * n_views + 1] = part["offsets"] + base
-                f["status"][b.start:b.stop] = part["status"]
+    with atomic.replacing(path, ".joining") as tmp:
+        store.create(tmp, {"data": ((max(total, 1),), np.uint8), "offsets": ((n * n_views + 1,), np.int64),
+                           CRC: ((n, n_views), np.uint32), "status": ((n,), np.uint8)}, attrs, advice=NO_ROOM,
+                     name=path.name)
+        with store.Rows(tmp) as out:
+            base = 0
+            for b, size in zip(blocks, sizes):
+                with np.load(parts / _part_name(b.start)) as part:
+                    if size:
+                        out.write("data", base, part["data"])
+                    out.write("offsets", b.start * n_views, part["offsets"] + base)
+                    out.write(CRC, b.start, part["crc"])
+                    out.write("status", b.start, part["status"])
                 base += size
-        store.write_attrs(f, attrs)
+            out.sync()
     shutil.rmtree(parts)
 
 
@@ -328,7 +334,7 @@ class PixelReader:
             if self._pid == os.getpid():
                 return self._fd
             with h5py.File(self.path, "r") as f:
-                names = ("pixels", "status") if self.form == "raw" else ("data", "offsets", "status")
+                names = ("pixels", CRC, "status") if self.form == "raw" else ("data", "offsets", CRC, "status")
                 for name in names:
                     ds = f[name]
                     if ds.chunks is not None or ds.compression is not None or ds.id.get_offset() is None:
@@ -342,6 +348,21 @@ class PixelReader:
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._pid, self._fd = None, None
+
+    def _view(self, fd: int, item: int, out: np.ndarray):
+        """Read view ``item`` (row * views + view) into ``out``; returns the stored bytes (for the CRC)."""
+        if self.form == "raw":
+            got = os.preadv(fd, [memoryview(out).cast("B")], self._offsets["pixels"] + item * self.view_bytes)
+            if got != self.view_bytes:
+                raise OSError(f"{self.path}: short read ({got} of {self.view_bytes} bytes)")
+            return memoryview(out).cast("B")
+        start, stop = np.frombuffer(os.pread(fd, 16, self._offsets["offsets"] + item * 8), np.int64)
+        data = os.pread(fd, int(stop - start), self._offsets["data"] + int(start))
+        try:
+            decode_webp(data, out)
+        except (OSError, ValueError):  # damaged beyond decoding: the CRC check names it
+            pass
+        return data
 
     def status(self, rows) -> np.ndarray:
         fd = self._open()
@@ -363,18 +384,14 @@ class PixelReader:
             raise BadImage(f"{self.path}: rows {sorted(set(rows[bad].tolist()))} have no cached pixels "
                            f"(failed or not yet built)")
         flat = rows * self.n_views + views
-        if self.form == "raw":
-            base = self._offsets["pixels"]
-            for i in np.argsort(flat, kind="stable"):
-                want = self.view_bytes
-                got = os.preadv(fd, [memoryview(out[i]).cast("B")], base + int(flat[i]) * want)
-                if got != want:
-                    raise OSError(f"{self.path}: short read ({got} of {want} bytes)")
-        else:
-            base_off, base_data = self._offsets["offsets"], self._offsets["data"]
-            for i in np.argsort(flat, kind="stable"):
-                start, stop = np.frombuffer(os.pread(fd, 16, base_off + int(flat[i]) * 8), np.int64)
-                decode_webp(os.pread(fd, int(stop - start), base_data + int(start)), out[i])
+        damaged = []
+        for i in np.argsort(flat, kind="stable"):
+            stored = self._view(fd, int(flat[i]), out[i])
+            expected = np.frombuffer(os.pread(fd, 4, self._offsets[CRC] + int(flat[i]) * 4), np.uint32)[0]
+            if zlib.crc32(stored) != expected:
+                damaged.append(rows[i])
+        if damaged:
+            raise DamagedPixels(self.path, damaged)
         return out
 
 

@@ -36,6 +36,7 @@ from cache.errors import UserError
 
 ROW_DATASETS = ("image_emb", "view_params", "status")
 CHECKSUMS = "block_sha256"
+TEXT_CHECKSUMS = "text_sha256"  # attribute: name -> sha256 of each text dataset, set at creation
 TEXT_DATASETS = ("text_emb", "classifier", "rise_text_emb", "rise_classifier", "anchor_emb")
 # Attributes that must match for a store to be reused; any difference means a rebuild.
 IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "templates", "rise_templates",
@@ -47,17 +48,18 @@ DESCRIBED_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", 
 
 
 def create(path, n_rows: int, n_views: int, n_params: int, dim: int, texts: dict, attrs: dict) -> None:
-    """A new store with every row pending and the text embeddings written."""
+    """A new store with every row pending and the text embeddings written (with their checksums)."""
+    texts = {name: t.numpy().astype(np.float16) for name, t in texts.items()}
     datasets = {"image_emb": ((n_rows, n_views, dim), np.float16),
                 "view_params": ((n_rows, n_views, n_params), np.float32),
                 "status": ((n_rows,), np.uint8),
                 CHECKSUMS: ((-(-n_rows // attrs["batch_size"]), 32), np.uint8),
-                **{name: (tuple(t.shape), np.float16) for name, t in texts.items()}}
-    store.create(path, datasets, attrs)
-    with h5py.File(path, "r+") as f:
-        for name, t in texts.items():
-            f[name][...] = t.numpy().astype(np.float16)
-        store.durable(f)
+                **{name: (t.shape, np.float16) for name, t in texts.items()}}
+    store.create(path, datasets, {**attrs, TEXT_CHECKSUMS: {name: _sha256(t) for name, t in texts.items()}}, texts)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def block_checksum(embeddings: np.ndarray, params: np.ndarray, status: np.ndarray) -> np.ndarray:
@@ -67,19 +69,21 @@ def block_checksum(embeddings: np.ndarray, params: np.ndarray, status: np.ndarra
     return np.frombuffer(digest.digest(), np.uint8)
 
 
-def write_block(f: h5py.File, where: slice, embeddings: np.ndarray, params: np.ndarray, status: np.ndarray) -> None:
+def write_block(rows: store.Rows, start: int, block: int, embeddings: np.ndarray, params: np.ndarray, status: np.ndarray) -> None:
     """One block of rows. Its status is written only once its data and checksum are on disk and read
     back intact: a full disk or a lost write raises, and the block stays pending."""
     embeddings = embeddings.astype(np.float16)
     checksum = block_checksum(embeddings, params, status)
-    f["image_emb"][where] = embeddings
-    f["view_params"][where] = params
-    f[CHECKSUMS][where.start // f.attrs["batch_size"]] = checksum
-    store.durable(f)
-    if not np.array_equal(block_checksum(f["image_emb"][where], f["view_params"][where], status), checksum):
-        raise OSError(errno.EIO, "written rows did not read back intact", f.filename)
-    f["status"][where] = status
-    store.durable(f)
+    rows.write("image_emb", start, embeddings)
+    rows.write("view_params", start, params)
+    rows.write(CHECKSUMS, start // block, checksum[None])
+    rows.sync()
+    n = len(embeddings)
+    if not np.array_equal(block_checksum(rows.read("image_emb", start, n), rows.read("view_params", start, n),
+                                         status), checksum):
+        raise OSError(errno.EIO, "written rows did not read back intact", str(rows.path))
+    rows.write("status", start, status)
+    rows.sync()
 
 
 def damaged_blocks(f: h5py.File, emb: np.ndarray, params: np.ndarray) -> list:
@@ -93,20 +97,39 @@ def damaged_blocks(f: h5py.File, emb: np.ndarray, params: np.ndarray) -> list:
                                                   status[b * block:(b + 1) * block]), checksums[b])]
 
 
+def damaged_texts(f: h5py.File) -> list:
+    """Text datasets that no longer match the checksums recorded at creation."""
+    recorded = store.attributes(f).get(TEXT_CHECKSUMS, {})
+    return [name for name, digest in recorded.items() if _sha256(f[name][()]) != digest]
+
+
 def count_damaged(path) -> int:
+    """Damaged blocks of rows, and damaged text datasets."""
     with store.reading(path) as f:
-        return len(damaged_blocks(f, f["image_emb"][()], f["view_params"][()]))
+        return len(damaged_blocks(f, f["image_emb"][()], f["view_params"][()])) + len(damaged_texts(f))
 
 
-def reset_damaged(path) -> int:
-    """Mark the damaged blocks of a store pending again, so extraction recomputes only them."""
-    with h5py.File(path, "r+") as f:
+def repair(path, texts) -> int:
+    """Mark the damaged blocks of a store pending again, so extraction recomputes only them, and
+    rewrite damaged text datasets from ``texts()`` (the teacher's embeddings, computed on demand)."""
+    with store.reading(path) as f:
         damaged = damaged_blocks(f, f["image_emb"][()], f["view_params"][()])
-        block = int(f.attrs["batch_size"])
+        bad_texts = damaged_texts(f)
+        recorded, block = store.attributes(f).get(TEXT_CHECKSUMS, {}), int(f.attrs["batch_size"])
+        n_rows = len(f["status"])
+    with store.Rows(path) as rows:
         for b in damaged:
-            f["status"][b * block:(b + 1) * block] = store.PENDING
-        store.durable(f)
-    return len(damaged)
+            start = b * block
+            rows.write("status", start, np.zeros(min(block, n_rows - start), np.uint8))
+        if bad_texts:
+            fresh = {name: t.numpy().astype(np.float16) for name, t in texts().items()}
+            for name in bad_texts:
+                if _sha256(fresh[name]) != recorded[name]:
+                    raise UserError(f"{path}: the teacher's {name} now differs from the one recorded at "
+                                    f"extraction; rebuild the cache with --force")
+                rows.write(name, 0, fresh[name])
+        rows.sync()
+    return len(damaged) + len(bad_texts)
 
 
 def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, attrs: dict) -> None:
@@ -127,10 +150,11 @@ def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, 
                     layout[start:stop] = h5py.VirtualSource(
                         f"{Path(shard).parent.name}/{Path(shard).name}", name, shape=(stop - start, *shape[1:]))
             f.create_virtual_dataset(name, layout)
+        texts = {name: t.numpy().astype(np.float16) for name, t in texts.items()}
         for name, t in texts.items():
-            f[name] = t.numpy().astype(np.float16)
-        store.write_attrs(f, {"format_version": store.FORMAT_VERSION, **attrs})
-        store.durable(f)
+            f[name] = t
+        store.write_attrs(f, {"format_version": store.FORMAT_VERSION, **attrs,
+                              TEXT_CHECKSUMS: {name: _sha256(t) for name, t in texts.items()}})
 
 
 @dataclass
@@ -151,11 +175,13 @@ class TeacherCache:
             self.attrs = store.attributes(f)
             image_emb, self.view_params = f["image_emb"][()], f["view_params"][()]
             damaged = damaged_blocks(f, image_emb, self.view_params)
+            bad_texts = damaged_texts(f)
             self.classifier, self.ensemble, self.anchor_emb = (
                 torch.from_numpy(f[name][()]).float() for name in ("classifier", "rise_classifier", "anchor_emb"))
-        if damaged:
-            raise UserError(f"{self.path} is damaged: {len(damaged)} blocks of rows do not match their "
-                            f"checksums; {store.repair_hint(self.path)} (only those blocks are recomputed)")
+        if damaged or bad_texts:
+            what = ", ".join(([f"{len(damaged)} blocks of rows"] if damaged else []) + bad_texts)
+            raise UserError(f"{self.path} is damaged: {what} do not match their checksums; "
+                            f"{store.repair_hint(self.path)} (only those are recomputed)")
         self.image_emb = torch.from_numpy(image_emb)  # float16
         self.n_views = self.image_emb.shape[1]
         self.anchor_names = self.attrs["anchor_names"]

@@ -1,5 +1,4 @@
 """The ``pipeline`` command: extract, align, distill, evaluate, run, info."""
-import errno
 import json
 import os
 import sys
@@ -7,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cache import space
 from cache.errors import UserError
 from cache.progress import Interrupted
 from data.images import BadImage
@@ -57,14 +57,12 @@ class Commands(click.Group):
         except BadImage as e:  # an image changed or vanished after extraction
             raise Failure(f"{e}; the dataset changed since extraction: re-run `pipeline extract`")
         except OSError as e:
-            if e.errno is None:  # HDF5's own I/O errors carry no errno; the message says what failed
-                raise Failure(f"{e}; what was already written and verified is kept (re-run the same command "
-                              f"to continue)")
-            if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT, errno.EFBIG,
-                           errno.EIO):
-                raise Failure(f"{e.strerror}: {e.filename or ''}; what was already written is kept "
-                              f"(re-run the same command to continue)")
-            raise
+            said = space.sentence(e)
+            if said is None and e.errno is not None:
+                raise
+            # HDF5's own I/O errors without an errno: its message says what failed
+            raise Failure(f"{said or e}; what was already written and verified is kept (re-run the same "
+                          f"command to continue)")
 
 
 def hparam_options(command):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from cache import store, student_features
+from cache import atomic, store, student_features
 from cache.teacher_cache import TeacherCache
 from cache.progress import progress, say
 from data.images import ReplayImages
@@ -36,6 +36,7 @@ class StudentFeatures(Stage):
                        "resolved_weights": resolved_weights(student, student_weights)}
         self.inputs = run.teacher_cache_input()
         self.outputs = [student_features.FILE, "student.json"]
+        self.repairing = []  # damaged blocks of features.h5, found by why_stale
 
     @property
     def path(self):
@@ -44,6 +45,16 @@ class StudentFeatures(Stage):
     def describe(self) -> str:
         return f"student features ({self.key})"
 
+    def why_stale(self) -> str | None:
+        """Also stale when features.h5 is damaged; then only its damaged blocks are recomputed."""
+        why, self.repairing = super().why_stale(), []
+        if why is None and not store.readable(self.path):
+            return f"{student_features.FILE} is not readable"
+        if why is None:
+            self.repairing = student_features.damaged_rows(self.path)
+            return f"{student_features.FILE} is damaged" if self.repairing else None
+        return why
+
     @torch.inference_mode()
     def compute(self) -> dict:
         index = self.run.load_index()
@@ -51,11 +62,20 @@ class StudentFeatures(Stage):
         backbone, spec = create_backbone(c["student"], c["student_weights"], c["student_size"])
         view_params = store.read(self.run.teacher_cache, "view_params")
         n_views = view_params.shape[1]
-        say(f"align: caching frozen {self.config['student']} features of {len(index.rows())} images x {n_views} views")
+        rows = np.asarray(index.rows())
+        features = None
+        if self.repairing and not self.force:
+            features = store.read(self.path, "features")
+            for block in self.repairing:
+                features[block.start:block.stop] = 0
+            rows = rows[np.isin(rows, np.concatenate([np.arange(b.start, b.stop) for b in self.repairing]))]
+            say(f"align: {len(self.repairing)} damaged blocks of {self.path}: recomputing {len(rows)} images")
+        else:
+            say(f"align: caching frozen {c['student']} features of {len(rows)} images x {n_views} views")
         dataset = ReplayImages(index.root, index.paths, view_params, spec)
         backbone = backbone.eval().to(device())
-        items = (np.asarray(index.rows())[:, None] * n_views + np.arange(n_views)).ravel()
-        features, started = None, time.time()
+        items = (rows[:, None] * n_views + np.arange(n_views)).ravel()
+        started = time.time()
         with progress(total=len(items), desc="student features", unit="view") as bar:
             for batch_items, pixels in loader(dataset, items, self.batch_size, self.workers):
                 out = backbone(pixels.to(device(), non_blocking=True)).float().cpu().numpy()
@@ -63,9 +83,12 @@ class StudentFeatures(Stage):
                     features = np.zeros((len(index), n_views, out.shape[1]), np.float16)
                 features.reshape(-1, out.shape[1])[batch_items.numpy()] = out
                 bar.update(len(batch_items))
-        student_features.write(self.path, features, {**self.config, "input_spec": spec.to_dict()})
-        (self.folder / "student.json").write_text(json.dumps(
-            {**self.config, "input_spec": spec.to_dict(), "dim": int(features.shape[-1])}, indent=2))
+        if self.repairing and not self.force:
+            student_features.repair(self.path, features, self.repairing)
+        else:
+            student_features.write(self.path, features, {**c, "input_spec": spec.to_dict()})
+        atomic.write_bytes(self.folder / "student.json", json.dumps(
+            {**c, "input_spec": spec.to_dict(), "dim": int(features.shape[-1])}, indent=2).encode())
         return {"views": len(items), "seconds": round(time.time() - started, 2), "dim": int(features.shape[-1])}
 
 

@@ -10,6 +10,7 @@ At every validation the whole training state is checkpointed (temp file, then re
 that was killed continues from there and ends with the same weights as an uninterrupted run.
 """
 import copy
+import io
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from cache import atomic
+from cache import atomic, pixel_cache, space
 from cache.errors import UserError
 from cache.fingerprint import sha256_json
 from cache.progress import Interrupted, StopFlag, progress, say
@@ -108,7 +109,11 @@ class Distill(Stage):
                        val_rows=self.val_rows, sources=self.sources, student=self.student, config=self.config,
                        hparams=self.hparams, projection=load_file(self.projection) if self.projection else None,
                        train=lambda trainer, spec: self._train(trainer, spec, cache))
-        weights, log = self.method.fit(job)
+        try:
+            weights, log = self.method.fit(job)
+        except pixel_cache.DamagedPixels as e:  # found on read: marked, and rendered again next time
+            pixel_cache.mark_pending(self.pixels.path, e.rows)
+            raise UserError(f"{e}; they are marked to be rendered again: run the same command again") from None
         if not distributed.is_main():
             return None  # checkpoints and results are written once, by rank 0
         self.outputs = save_outputs(self.folder, weights, {**self.config, "holdout": self.holdout,
@@ -207,11 +212,27 @@ class TrainingState:
         self.writer = writer  # under torchrun every rank restores and rank 0 alone saves
         self.best, self.log, self.step = (-1.0, None, 0), [], 0
 
+    def require_space(self, folder) -> None:
+        """Refuse before training when the disk cannot hold the checkpoints: at the peak, the saved
+        state and its replacement (the model and two optimiser moments each, plus SWAD's average)
+        beside the final weights."""
+        if not self.writer:
+            return
+        model = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        swad = self.swad is not None
+        saved_state = model * (3 + swad) if self.path is not None else 0
+        space.require(folder, 2 * saved_state + model * (1 + swad), "this training (its checkpoints)",
+                      "free space or choose another --run folder")
+
     def restore(self) -> None:
         """Continue from the saved state, if there is one for this exact configuration."""
         if self.path is None or not Path(self.path).exists():
             return
-        saved = torch.load(self.path, weights_only=True)  # tensors and plain containers only: no code runs
+        try:
+            saved = torch.load(self.path, weights_only=True)  # tensors and plain containers only: no code runs
+        except Exception as e:  # damaged: the saved progress is lost, the training itself is not
+            say(f"distill: {self.path} is damaged ({str(e).splitlines()[0][:80]}); training from the start")
+            return
         if saved.get("key") != self.key or ("swad" not in saved and self.swad is not None):
             return  # another configuration's state, or one saved before SWAD's state had its own key
         self.model.load_state_dict(saved["model"])
@@ -234,8 +255,9 @@ class TrainingState:
                  "cutmix_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                  "best": list(self.best), "log": self.log,
                  "swad": self.swad.state_dict() if self.swad is not None else None}
-        with atomic.replacing(self.path) as tmp:
-            torch.save(state, tmp)
+        buffer = io.BytesIO()  # serialised in memory: torch.save into a full disk fails with no errno
+        torch.save(state, buffer)
+        atomic.write_bytes(self.path, buffer.getvalue())
 
 
 def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_by_domain: list,
@@ -262,6 +284,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
     rng = np.random.default_rng([seed, 1])
     tracker = SwadTracker(**(swad_valley or {})) if swad else None
     state = TrainingState(method, model, rng, tracker, resume_path, resume_key, writer=rank == 0)
+    if resume_path is not None:
+        state.require_space(Path(resume_path).parent)
     state.restore()
     first_step = state.step
     source = BatchSource(dataset, cache, labels, run_device, online=online, pixel_spec=pixel_spec, workers=workers)

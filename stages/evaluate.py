@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cache import jsonl, store
+from cache import atomic, jsonl, store
 from cache.errors import UserError
 from cache.progress import say
 from cache.teacher_cache import TeacherCache
@@ -69,7 +69,7 @@ class Evaluate(Stage):
                   "student_weights": weights_loaded, "hparams": hparams, "teacher": attrs["teacher"],
                   "pretrained": attrs["pretrained"], "holdout": self.holdout, "seed": self.seed, **metrics,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (self.folder / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+        atomic.write_bytes(self.folder / "metrics.json", json.dumps(result, indent=2, allow_nan=False).encode())
         return result
 
     def published(self, summary: dict) -> None:

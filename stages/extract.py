@@ -10,7 +10,6 @@ import shutil
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -211,9 +210,9 @@ class Extract(Stage):
         # Batches are fixed blocks of rows, so a resumed (or sharded) run feeds the teacher exactly
         # the batches an uninterrupted single run would: same numerics, same bytes. A block is
         # redone if any of its rows is pending.
-        damaged = teacher_cache.reset_damaged(store_path)
+        damaged = teacher_cache.repair(store_path, self._texts)
         if damaged:
-            say(f"extract: {damaged} blocks of {store_path} were damaged; recomputing them")
+            say(f"extract: {damaged} blocks or text datasets of {store_path} were damaged; recomputing them")
         block = int(store.read_attrs(store_path)["batch_size"])
         status = store.read(store_path, "status")
         blocks = [list(range(rows.start + b.start, rows.start + b.stop)) for b in store.pending_blocks(status, block)]
@@ -224,14 +223,14 @@ class Extract(Stage):
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=blocks, num_workers=self.workers,
                                                  collate_fn=_collate, pin_memory=torch.cuda.is_available(),
                                                  worker_init_fn=ignore_sigint)
-            batches = iter(loader)  # workers fork here, before the HDF5 file is opened
-            with h5py.File(store_path, "r+") as f, open(skipped_path, "a") as skipped, \
+            batches = iter(loader)  # workers fork here, before the store is opened
+            with store.Rows(store_path) as out, open(skipped_path, "a") as skipped, \
                     progress(total=sum(map(len, blocks)), desc="extract", unit="img") as bar:
                 for batch_rows, pixels, params, errors in batches:
                     embeddings = _encode_views(teacher, pixels, errors)
                     ok = np.where([e == "" for e in errors], store.DONE, store.FAILED).astype(np.uint8)
-                    where = slice(int(batch_rows[0]) - rows.start, int(batch_rows[-1]) + 1 - rows.start)
-                    teacher_cache.write_block(f, where, embeddings.numpy(), params.numpy(), ok)
+                    teacher_cache.write_block(out, int(batch_rows[0]) - rows.start, block, embeddings.numpy(),
+                                              params.numpy(), ok)
                     for row, error in zip(batch_rows, errors):
                         if error:
                             skipped.write(json.dumps({"path": index.paths[row], "reason": error}) + "\n")
@@ -239,8 +238,9 @@ class Extract(Stage):
                     done_now += len(batch_rows)
                     bar.update(len(batch_rows))
                     if stop.requested:
-                        raise Interrupted(f"extract: interrupted; {int((f['status'][()] != 0).sum())} of "
-                                          f"{len(rows)} images are cached; run the same command again to resume")
+                        cached = int((store.read(store_path, "status") != store.PENDING).sum())
+                        raise Interrupted(f"extract: interrupted; {cached} of {len(rows)} images are cached; "
+                                          f"run the same command again to resume")
         seconds = time.time() - started
         final_status = store.read(store_path, "status")
         return {"images": len(rows), "extracted_now": done_now, "seconds": round(seconds, 2),

@@ -26,6 +26,16 @@ class StudentPixels(Stage):
     def path(self):
         return self.folder / "pixels.h5"
 
+    def why_stale(self) -> str | None:
+        """Also stale when pixels.h5 was damaged: unreadable, or rows marked again for rendering
+        because their views failed their checksums (``pixel_cache.mark_pending``)."""
+        why = super().why_stale()
+        if why is None and not store.readable(self.path):
+            return "pixels.h5 is not readable"
+        if why is None and (store.read(self.path, "status") == store.PENDING).any():
+            return "pixels.h5 has rows to render again"
+        return why
+
     def describe(self) -> str:
         return f"student pixels ({pixel_cache.spec_key(self.spec)}, {self.form})"
 

@@ -14,9 +14,9 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from cache import manifest
+from cache import atomic, manifest
 from cache.errors import UserError
 from cache.progress import say
 from stages.distributed import barrier, is_main
@@ -115,9 +115,9 @@ def save_outputs(folder, weights: dict, config: dict, log: list) -> list:
     """Write ``{name}.safetensors`` per state dict, ``config.json`` and ``log.jsonl``; their names."""
     folder = Path(folder)
     for name, state in weights.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, folder / f"{name}.safetensors")
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+        atomic.write_bytes(folder / f"{name}.safetensors", save({k: v.contiguous() for k, v in state.items()}))
+    atomic.write_bytes(folder / "config.json", json.dumps(config, indent=2).encode())
+    atomic.write_bytes(folder / "log.jsonl", "".join(json.dumps(row) + "\n" for row in log).encode())
     return [f"{name}.safetensors" for name in weights] + ["config.json", "log.jsonl"]
 
 

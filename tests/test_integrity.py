@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from cache import store
 from conftest import ALIGN, DISTILL, invoke
 from test_robustness import cache_contents, reference  # noqa: F401  (the undisturbed extraction)
 
@@ -17,7 +18,7 @@ def extract_args(dataset, run, teacher_dir):
 
 
 def _fail_on(monkeypatch, target, name, nth, action):
-    """Make the ``nth`` call of ``target.name`` (an h5py method) fail or lie."""
+    """Make the ``nth`` call of ``target.name`` (a store or h5py method) fail or lie."""
     real, calls = getattr(target, name), {"n": 0}
 
     def patched(self, *args):
@@ -31,20 +32,21 @@ def enospc(real, self, *args):
     raise OSError(errno.ENOSPC, "No space left on device", "teacher.h5")
 
 
-def lost_write(real, self, key, value):  # the write "succeeds" but zeros reach the disk
-    return real(self, key, np.zeros_like(value))
+def lost_write(real, self, name, start, array):  # the write "succeeds" but zeros reach the disk
+    return real(self, name, start, np.zeros_like(array))
 
 
+# each block is four row writes: embeddings, view parameters, checksum, then status
 @pytest.mark.parametrize("name, nth, action", [
-    ("__setitem__", 9, enospc),        # a block's rows
-    ("__setitem__", 22, enospc),       # a status write
-    ("__setitem__", 15, lost_write),   # silently lost rows: found by the read-back
+    ("write", 9, enospc),        # a block's rows
+    ("write", 12, enospc),       # a status write
+    ("write", 13, lost_write),   # silently lost rows: found by the read-back
 ])
 def test_full_disk_during_extraction_resumes_to_identical_cache(name, nth, action, tmp_path, teacher_dir, dataset,
                                                                  reference, monkeypatch):  # noqa: F811
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
-        _fail_on(patch, h5py.Dataset, name, nth, action)
+        _fail_on(patch, store.Rows, name, nth, action)
         result = invoke(*extract_args(dataset, run, teacher_dir))
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     result = invoke(*extract_args(dataset, run, teacher_dir))
@@ -55,7 +57,7 @@ def test_full_disk_during_extraction_resumes_to_identical_cache(name, nth, actio
 def test_failed_flush_surfaces(tmp_path, teacher_dir, dataset, reference, monkeypatch):  # noqa: F811
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
-        _fail_on(patch, h5py.File, "flush", 6, enospc)
+        _fail_on(patch, store.Rows, "sync", 6, enospc)
         result = invoke(*extract_args(dataset, run, teacher_dir))
     assert result.exit_code == 2 and "No space left" in result.output
     assert invoke(*extract_args(dataset, run, teacher_dir)).exit_code == 0

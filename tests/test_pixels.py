@@ -320,13 +320,13 @@ def test_reading_every_row_does_not_grow_resident_memory(tmp_path):
     n, k, s = 2000, 4, 32
     path = tmp_path / "pixels.h5"
     wanted = pixel_cache.identity(InputSpec(s, (0.5,) * 3, (0.5,) * 3), n, k, {"dataset_fingerprint": "x"})
-    pixel_cache._create(path, {"pixels": ((n, k, s, s, 3), np.uint8), "status": ((n,), np.uint8)},
-                   pixel_cache._attrs(wanted, 64), {"status": np.full(n, pixel_cache.DONE, np.uint8)})
+    out = pixel_cache.RawWriter(path, n, k, s, pixel_cache._attrs(wanted, 500), [])
     rng = np.random.default_rng(0)
-    with h5py.File(path, "r+") as f:
+    with out.opened():
         for start in range(0, n, 500):
-            f["pixels"][start:start + 500] = rng.integers(0, 256, (500, k, s, s, 3), dtype=np.uint8)
-        probe = f["pixels"][1234, 3]
+            out.write(list(range(start, start + 500)),
+                      torch.from_numpy(rng.integers(0, 256, (500, k, s, s, 3), dtype=np.uint8)), [""] * 500)
+    probe = store.read(path, "pixels")[1234, 3]
     dataset = pixels.PixelImages(path, wanted)
     batches = [list(range(i, i + 200)) for i in range(0, n * k, 200)]
     warm, checksum = None, 0

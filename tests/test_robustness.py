@@ -226,7 +226,7 @@ def test_full_disk_is_one_line_and_keeps_the_cache(run_copy, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "projection.safetensors")
 
-    monkeypatch.setattr(stages.stage, "save_file", full)
+    monkeypatch.setattr(stages.stage, "save", full)
     before = (run_copy / "extract" / "teacher.h5").read_bytes()
     result = invoke("align", "--run", run_copy, "--holdout", "photo", "--student", "test_resnet",
                     "--student-weights", "none", "--student-size", 32, "--steps", 4, "--workers", 0)
