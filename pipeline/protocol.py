@@ -16,7 +16,7 @@ from cache.progress import say
 from data import demo
 from pipeline import config, report
 from stages.runfolder import RunFolder
-from stages import stage
+from stages import remote_teacher, stage
 from stages.align import run_alignment
 from stages.distill import Distill
 from stages.evaluate import Evaluate
@@ -24,10 +24,19 @@ from stages.extract import Extract
 from stages.methods import METHODS
 
 
-def parse_list(text: str, name: str) -> list:
+def parse_list(text: str, name: str, kind=str) -> list:
+    """Comma-separated values of ``kind``; each at most once (a seed given twice would be counted
+    as two seeds in the standard error)."""
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
         raise UserError(f"--{name} needs at least one value")
+    try:
+        values = [kind(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{name} must be comma-separated integers, got '{text}'") from None
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:
+        raise UserError(f"--{name} names {repeated} more than once; give each value once")
     return values
 
 
@@ -50,10 +59,9 @@ def resolve_settings(real_data: bool, overrides: dict, methods: str | None, seed
     unknown = [m for m in chosen_methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    try:
-        seed_list = [int(s) for s in parse_list(seeds, "seeds")]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, got '{seeds}'")
+    seed_list = parse_list(seeds, "seeds", int)
+    if remote_teacher.is_remote(settings["teacher"]):
+        remote_teacher.check_url(settings["teacher"])  # before the settings are printed
     return settings, chosen_methods, seed_list
 
 
@@ -61,10 +69,12 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
             pixel_cache: str = "raw", jobs: int = 1) -> str:
     settings, chosen_methods, seed_list = resolve_settings(data_root is not None, overrides, methods, seeds, preset)
+    holdout_list = parse_list(holdouts, "holdouts") if holdouts else None  # refused before any work
     run = RunFolder(run_dir or config.DEMO_RUN)
     timings = {}
     timed = partial(_timed, timings)
-    say("run: settings " + json.dumps(settings))
+    say("run: settings " + json.dumps({**settings, "teacher": remote_teacher.redact(settings["teacher"])}
+                                      if remote_teacher.is_remote(settings["teacher"]) else settings))
 
     with run.writing():
         if data_root is None:
@@ -75,7 +85,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             run, data_root, teacher=settings["teacher"], pretrained=settings["pretrained"], views=settings["views"],
             batch_size=64, workers=workers), force))
         index = run.load_index()
-        chosen = parse_list(holdouts, "holdouts") if holdouts else index.domains
+        chosen = holdout_list or index.domains
         for holdout in chosen:
             index.check_holdout(holdout)
         shared = UnitSettings(settings=settings, methods=chosen_methods, first_seed=seed_list[0],

@@ -49,11 +49,34 @@ def is_remote(teacher: str) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL without user:password@ and query string: safe to record and print."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    """The URL without user:password@ and query string: safe to record and print, even when the
+    URL is not valid (its port is not parsed)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return "(an unparseable URL)"
+    host_port = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host_port, parts.path.rstrip("/"), "", ""))
+
+
+def check_url(url: str):
+    """The parts of a teacher service URL, or one line saying what is wrong (never echoing credentials)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its message may quote the address, credentials included
+        raise UserError("--teacher: not a valid URL") from None
+    shown = f"--teacher {redact(url)}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"{shown}: not an http(s) URL")
+    if parts.username is not None or parts.password is not None:  # they would replace the bearer token
+        raise UserError(f"{shown}: the URL holds credentials (before its @); they are not sent: put the "
+                        f"service's token in the {TOKEN_ENV} environment variable instead")
+    try:
+        if parts.port == 0:  # urllib accepts 0; a ValueError for anything out of range or not a number
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{shown}: the port must be a number from 1 to 65535") from None
+    return parts
 
 
 @dataclass(frozen=True)
@@ -82,9 +105,7 @@ class RemoteTeacher:
             import httpx
         except ImportError:
             raise UserError('a remote teacher needs httpx: pip install -e ".[remote]"') from None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserError(f"--teacher {redact(url)}: not an http(s) URL")
+        parts = check_url(url)
         path = parts.path.rstrip("/")
         if "/v2/models/" in path:
             path, model = path.split("/v2/models/", 1)[0], model or path.split("/v2/models/", 1)[1].split("/")[0]
