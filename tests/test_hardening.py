@@ -1,4 +1,5 @@
-"""Bad input is one line and exit code 2, never a traceback: teacher URLs, repeated list options."""
+"""Bad input is one line and exit code 2, and a damaged index.parquet is named, never a traceback:
+teacher URLs, repeated list options, a damaged index."""
 import importlib.util
 
 import pytest
@@ -54,3 +55,60 @@ def test_distinct_seeds_still_parse():
     from pipeline.protocol import resolve_settings
     _, methods, seeds = resolve_settings(False, {}, "zeroshot,erm", "2, 0,1", None)
     assert methods == ["zeroshot", "erm"] and seeds == [2, 0, 1]
+
+
+def _flip(path, offset: int, mask: int = 0x10) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped in the middle", "flipped in a data page",
+                                    "flipped in the metadata"])
+def test_damaged_index_is_one_line_naming_it_and_extract_rebuilds_it(damage, run_copy, dataset, teacher_dir):
+    index = run_copy / "extract" / "index.parquet"
+    data = index.read_bytes()
+    teacher_cache = (run_copy / "extract" / "teacher.h5").read_bytes()
+    if damage == "truncated":
+        index.write_bytes(data[:len(data) // 2])
+    else:
+        offset = {"flipped in the middle": len(data) // 2, "flipped in a data page": 40,
+                  "flipped in the metadata": data.index(b'"domains"') + 3}[damage]
+        _flip(index, offset)
+    for args in (("info", "--run", run_copy),
+                 ("align", "--run", run_copy, "--holdout", "photo", "--student", "test_resnet",
+                  "--student-weights", "none", "--student-size", 32, "--steps", 2, "--workers", 0)):
+        line = one_error_line(invoke(*args))
+        assert f"{index} is damaged (" in line, line
+        assert f"run `pipeline extract --data ROOT --run {run_copy}` with the same settings" in line, line
+    # the advice works, and the finished teacher cache is kept, not recomputed
+    rebuilt = invoke("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher_dir}",
+                     "--views", 3, "--workers", 0, "--batch-size", 16)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (run_copy / "extract" / "teacher.h5").read_bytes() == teacher_cache
+    assert invoke("info", "--run", run_copy).exit_code == 0
+
+
+def test_no_flipped_byte_of_an_index_is_read_as_different_content(extracted, tmp_path):
+    """Every byte of an index flipped in turn: each read is either refused or the same content
+    (a flip in a statistic or padding changes nothing that is read)."""
+    from cache.errors import UserError
+    from cache.index import read_table
+    original = (extracted / "extract" / "index.parquet").read_bytes()
+    expected = read_table(extracted / "extract" / "index.parquet")
+    path = tmp_path / "index.parquet"
+    outcomes = {"refused": 0, "same": 0}
+    for offset in range(len(original)):
+        data = bytearray(original)
+        data[offset] ^= 1 << (offset % 8)  # every bit position, across the file
+        path.write_bytes(bytes(data))
+        try:
+            got = read_table(path)
+        except UserError as e:
+            assert str(e).startswith(f"{path} is damaged ("), e
+            outcomes["refused"] += 1
+            continue
+        assert got == expected, f"byte {offset} flipped was read as different content"
+        outcomes["same"] += 1
+    print(f"\nindex: {len(original)} bytes flipped one at a time: {outcomes}")
+    assert outcomes["refused"] > len(original) // 2
