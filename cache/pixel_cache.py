@@ -168,12 +168,23 @@ def view_crcs(views) -> np.ndarray:
     return np.array([[zlib.crc32(v) for v in row] for row in views], np.uint32).reshape(len(views), -1)
 
 
-def mark_pending(path, rows) -> None:
-    """Rows whose views failed their CRC: pending again, so the pixel stage renders them anew."""
+def mark_damaged(path) -> int:
+    """Check every view of ``path`` against its CRC (after a read found damage) and mark the rows
+    holding damaged views pending again, so the pixel stage renders them anew; their number."""
+    reader, damaged = PixelReader(path), []
+    done = np.flatnonzero(store.read(path, "status") == DONE)
+    for start in range(0, len(done), 256):
+        rows = np.repeat(done[start:start + 256], reader.n_views)
+        try:
+            reader.read(rows, np.tile(np.arange(reader.n_views), len(rows) // reader.n_views))
+        except DamagedPixels as e:
+            damaged += e.rows
+    reader.close()
     with store.Rows(path) as out:
-        for row in sorted(set(int(r) for r in rows)):
+        for row in damaged:
             out.write("status", row, np.zeros(1, np.uint8))
         out.sync()
+    return len(damaged)
 
 
 class WebpWriter:

@@ -111,9 +111,10 @@ class Distill(Stage):
                        train=lambda trainer, spec: self._train(trainer, spec, cache))
         try:
             weights, log = self.method.fit(job)
-        except pixel_cache.DamagedPixels as e:  # found on read: marked, and rendered again next time
-            pixel_cache.mark_pending(self.pixels.path, e.rows)
-            raise UserError(f"{e}; they are marked to be rendered again: run the same command again") from None
+        except pixel_cache.DamagedPixels:  # found on read: every damaged row marked, rendered again next time
+            rows = pixel_cache.mark_damaged(self.pixels.path)
+            raise UserError(f"{self.pixels.path}: {rows} rows hold views that do not match their checksums; "
+                            f"they are marked to be rendered again: run the same command again") from None
         if not distributed.is_main():
             return None  # checkpoints and results are written once, by rank 0
         self.outputs = save_outputs(self.folder, weights, {**self.config, "holdout": self.holdout,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cache import atomic, jsonl, store
+from cache import atomic, jsonl, space, store
 from cache.errors import UserError
 from cache.progress import say
 from cache.teacher_cache import TeacherCache
@@ -20,6 +20,9 @@ from data.images import ReplayImages
 from stages.methods import ScoreJob, method_named
 from stages.runtime import device, loader
 from stages.stage import Stage
+
+
+SMALL_FILES = 64 * 1024  # a manifest, metrics.json and a results.jsonl row, with room to spare
 
 
 class Evaluate(Stage):
@@ -50,6 +53,9 @@ class Evaluate(Stage):
 
     def describe(self) -> str:
         return f"evaluate {self.label} for held-out '{self.holdout}' ({self.key}, seed {self.seed})"
+
+    def check(self) -> None:
+        space.require(self.folder, 0, "this evaluation (metrics.json, a results.jsonl row)", margin=SMALL_FILES)
 
     def compute(self) -> dict:
         cache, index = TeacherCache(self.run.teacher_cache), self.index

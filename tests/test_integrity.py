@@ -107,6 +107,64 @@ def test_damaged_teacher_cache_is_named_and_only_damaged_blocks_are_recomputed(r
     assert "up to date" in invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).output
 
 
+def test_damaged_text_embeddings_are_named_and_rewritten(run_copy, teacher_dir, dataset):
+    store_path = run_copy / "extract" / "teacher.h5"
+    before = {name: h5py.File(store_path)[name][()] for name in ("text_emb", "anchor_emb", "rise_text_emb")}
+    _damage(store_path, "anchor_emb")
+    result = invoke("evaluate", "--run", run_copy, "--method", "zeroshot", "--holdout", "photo")
+    assert result.exit_code == 2 and "anchor_emb" in result.output and "pipeline extract" in result.output
+    result = invoke("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher_dir}",
+                    "--views", 3, "--workers", 0, "--batch-size", 16)
+    assert result.exit_code == 0 and "were damaged" in result.output, result.output
+    with h5py.File(store_path) as f:
+        assert all(np.array_equal(f[name][()], value) for name, value in before.items())
+
+
+def test_damaged_features_blocks_are_recomputed_alone(run_copy):
+    args = ("align", "--run", run_copy, "--holdout", "photo", *ALIGN)
+    assert invoke(*args).exit_code == 0
+    features = next((run_copy / "features").glob("*/features.h5"))
+    before = features.read_bytes()
+    _damage(features, "features", offset=100)
+    result = invoke(*args)
+    assert result.exit_code == 0 and "1 damaged blocks" in result.output, result.output
+    assert features.read_bytes() == before
+    assert "up to date" in invoke(*args).output
+
+
+def _damage_every_row(path, dataset="pixels"):
+    """Flip bytes in view 0 of every row (the view validation reads), size and mtime kept."""
+    with h5py.File(path, "r") as f:
+        where, shape = f[dataset].id.get_offset(), f[dataset].shape
+    row = int(np.prod(shape[1:]))
+    stat = os.stat(path)
+    with open(path, "r+b") as f:
+        for r in range(shape[0]):
+            f.seek(where + r * row + 7)
+            f.write(b"\x01\x02\x03")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_damaged_pixel_cache_is_found_and_rendered_again(damage, run_copy):
+    args = ("distill", "--run", run_copy, "--holdout", "photo", "--method", "erm", "--student", "test_resnet",
+            "--student-weights", "none", "--student-size", 32, *DISTILL)
+    assert invoke(*args).exit_code == 0
+    pixels = next((run_copy / "pixels").glob("*/pixels.h5"))
+    weights = next((run_copy / "distill").glob("erm/*/photo/seed0/best.safetensors"))
+    before, trained = pixels.read_bytes(), weights.read_bytes()
+    if damage == "flipped":
+        _damage_every_row(pixels)
+        result = invoke(*args, "--force")
+        assert result.exit_code == 2 and "do not match their checksums" in result.output, result.output
+        assert "run the same command again" in result.output and "Traceback" not in result.output
+    else:
+        pixels.write_bytes(before[:len(before) // 2])
+    result = invoke(*args, "--force")
+    assert result.exit_code == 0, result.output
+    assert pixels.read_bytes() == before and weights.read_bytes() == trained
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_unreadable_teacher_cache_is_one_line_everywhere(damage, run_copy, teacher_dir, dataset):
     assert invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).exit_code == 0
