@@ -1,8 +1,13 @@
 """Append-only JSON-lines files (``RUN/results.jsonl``): one whole line per write, safe when
-several processes append at once, and a line torn by a crash is cut off before the next append."""
+several processes append at once, and a line torn by a crash is cut off before the next append.
+A damaged line elsewhere (a flipped byte) is skipped with a warning and left in the file."""
 import fcntl
 import json
 import os
+
+from cache.progress import say
+
+_warned = set()  # (file, line number, line) already reported by this process
 
 
 def append(path, row: dict) -> None:
@@ -20,10 +25,25 @@ def append(path, row: dict) -> None:
 
 
 def rows(path) -> list:
-    """Every complete row (a torn last line is ignored)."""
+    """Every complete, readable row (a torn last line is ignored, a damaged one skipped)."""
     try:
-        with open(path) as f:
-            lines = f.read().split("\n")[:-1]
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")[:-1]
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in lines if line.strip()]
+    found = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:  # bad JSON and bad UTF-8 alike
+            if (str(path), number, line) not in _warned:  # once per process, not at every read
+                _warned.add((str(path), number, line))
+                say(f"warning: {path} line {number} is damaged (not a JSON object): skipped and left in the "
+                    f"file; its evaluation's metrics.json still holds the row")
+            continue
+        found.append(row)
+    return found

@@ -1,6 +1,7 @@
-"""Bad input is one line and exit code 2, and a damaged index.parquet is named, never a traceback:
-teacher URLs, repeated list options, a damaged index."""
+"""Bad input is one line and exit code 2; damaged bookkeeping files are named or skipped, never a
+traceback: teacher URLs, repeated list options, a damaged index.parquet, a damaged results.jsonl."""
 import importlib.util
+import json
 
 import pytest
 
@@ -112,3 +113,31 @@ def test_no_flipped_byte_of_an_index_is_read_as_different_content(extracted, tmp
         outcomes["same"] += 1
     print(f"\nindex: {len(original)} bytes flipped one at a time: {outcomes}")
     assert outcomes["refused"] > len(original) // 2
+
+
+def test_a_damaged_results_line_is_skipped_with_a_warning_and_restored(run_copy):
+    results = run_copy / "results.jsonl"
+
+    def evaluate(holdout):
+        return invoke("evaluate", "--run", run_copy, "--method", "zeroshot", "--holdout", holdout)
+
+    for holdout in ("photo", "sketch", "cartoon"):
+        assert evaluate(holdout).exit_code == 0
+    lines = results.read_bytes().split(b"\n")
+    rows = [json.loads(line) for line in lines[:3]]
+    for mask, line_number in ((0x01, 2), (0x80, 1)):  # ':' -> ';' (bad JSON), then a non-UTF-8 byte
+        damaged = bytearray(results.read_bytes())
+        start = sum(len(line) + 1 for line in lines[:line_number - 1])
+        middle = damaged.index(b":", start + len(lines[line_number - 1]) // 2)
+        damaged[middle] ^= mask
+        results.write_bytes(bytes(damaged))
+        holdout = rows[line_number - 1]["holdout"]
+        result = evaluate(holdout)  # up to date: only checks its row is in results.jsonl
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        assert f"warning: {results} line {line_number} is damaged" in result.output, result.output
+        assert "its row was missing" in result.output  # restored from the evaluation's metrics.json
+        from cache import jsonl
+        kept = jsonl.rows(results)
+        assert all(row in kept for row in rows), kept  # every row, the damaged one restored
+        assert bytes(damaged) in results.read_bytes()  # nothing removed, the damaged line included
+    assert len(results.read_bytes().split(b"\n")) == 3 + 2 + 1
