@@ -28,7 +28,7 @@ class StudentPixels(Stage):
 
     def why_stale(self) -> str | None:
         """Also stale when pixels.h5 was damaged: unreadable, or rows marked again for rendering
-        because their views failed their checksums (``pixel_cache.mark_pending``)."""
+        because their views failed their checksums (``pixel_cache.mark_damaged``)."""
         why = super().why_stale()
         if why is None and not store.readable(self.path):
             return "pixels.h5 is not readable"
