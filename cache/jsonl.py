@@ -1,6 +1,7 @@
 """Append-only JSON-lines files (``RUN/results.jsonl``): one whole line per write, safe when
 several processes append at once, and a line torn by a crash is cut off before the next append.
 A damaged line elsewhere (a flipped byte) is skipped with a warning and left in the file."""
+import errno
 import fcntl
 import json
 import os
@@ -18,8 +19,14 @@ def append(path, row: dict) -> None:
         data = os.pread(fd, os.fstat(fd).st_size, 0)
         if data and not data.endswith(b"\n"):  # a torn last line from a crashed writer
             os.ftruncate(fd, data.rfind(b"\n") + 1)
-        os.write(fd, line)
-        os.fsync(fd)
+        end = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as e:  # a full disk: no half row is left behind, and the file is named
+            os.ftruncate(fd, end)
+            raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         os.close(fd)  # also releases the lock
 
