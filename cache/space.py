@@ -51,8 +51,9 @@ def _mount(path) -> str:
     return str(path)
 
 
-# HDF5 reports a failed write as its own string with "errno = 28" inside and no errno attribute.
-_HDF5_ERRNO = re.compile(r"errno = (\d+)")
+# HDF5 (and Arrow) report a failed write as their own string with "errno = 28" ("[errno 28]")
+# inside and no errno attribute.
+_HDF5_ERRNO = re.compile(r"errno[ =]+(\d+)", re.IGNORECASE)
 _HDF5_FILE = re.compile(r"filename = '([^']*)'")
 
 

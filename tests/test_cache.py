@@ -311,3 +311,21 @@ def test_file_stat(tmp_path):
     path.write_bytes(b"12345")
     os.utime(path, ns=(1_000_000_000, 1_234_567_890_123_456_789))
     assert file_stat(path) == {"size": 5, "mtime_ns": 1_234_567_890_123_456_789}
+
+
+def test_failed_writes_read_as_one_sentence_and_space_is_checked(tmp_path, monkeypatch):
+    from cache import space
+    from cache.errors import UserError
+
+    hdf5 = OSError("Unable to synchronously write data (file write failed: time = Thu Dec  3 13:19:05 2026\n"
+                   f", filename = '{tmp_path}/teacher.h5', file descriptor = 4, errno = 28, error message = "
+                   "'No space left on device', buf = 0x55, total write size = 39936)")
+    said = space.sentence(hdf5)
+    assert said.startswith(f"No space left on device: {tmp_path}/teacher.h5 (") and "free on /" in said
+    assert "\n" not in said and "buf =" not in said
+    assert space.sentence(OSError(2, "No such file or directory", "x")) == "No such file or directory: x"
+    assert space.sentence(OSError(22, "Invalid argument")) is None  # not the environment: a bug, raised
+    with pytest.raises(UserError, match=r"pixels\.h5 needs .* free on /"):
+        space.require(tmp_path, 10 ** 18, "pixels.h5")
+    monkeypatch.setenv("PIPELINE_SKIP_SPACE_CHECK", "1")
+    space.require(tmp_path, 10 ** 18, "pixels.h5")
