@@ -198,15 +198,17 @@ class WebpWriter:
             return
         self.parts.mkdir(exist_ok=True)
         marker = self.parts / "identity.json"
-        if marker.exists():
-            recorded = json.loads(marker.read_text())
+        recorded = _read_marker(marker)
+        if recorded is not None:
             if mismatches(recorded, attrs):
                 raise StalePixels(f"{self.parts}: partial pixel cache for other settings; rebuild it (--force)")
             attrs["block"] = int(recorded["block"])  # parts are whole blocks: resume with the same ones
             self.blocks = store.blocks(n, attrs["block"])
-        else:
-            marker.write_text(json.dumps({k: v for k, v in attrs.items() if k in (*IDENTITY_KEYS, "block")},
-                                         sort_keys=True))
+        else:  # no readable marker: any parts are of unknown settings, so start the parts over
+            shutil.rmtree(self.parts)
+            self.parts.mkdir()
+            atomic.write_bytes(marker, json.dumps({k: v for k, v in attrs.items() if k in (*IDENTITY_KEYS, "block")},
+                                                  sort_keys=True).encode())
 
     def pending(self) -> list:
         if self.path.exists():
@@ -245,6 +247,14 @@ def writer(path, spec, n: int, n_views: int, source: dict, form: str, block: int
         shutil.rmtree(parts_folder(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     return WRITERS[form](path, n, n_views, spec.size, _attrs(wanted, block), store.blocks(n, block))
+
+
+def _read_marker(marker: Path) -> dict | None:
+    """The settings the parts were rendered with; None when missing or unreadable (a full disk)."""
+    try:
+        return json.loads(marker.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def parts_folder(path: Path) -> Path:

@@ -131,3 +131,28 @@ def test_full_disk_is_one_line_and_the_rerun_is_identical(stage, checked, small_
         assert outputs(run, written) == expected, free_kb
         shutil.rmtree(run)
     print(stage, "checked" if checked else "unchecked", outcomes)
+
+
+def test_webp_pixel_cache_on_a_full_disk(small_disk, reference, dataset, teacher_dir, tmp_path, monkeypatch):
+    """The webp form writes its blocks as part files: a full disk at any of them (or at the marker
+    that names their settings) is one line, and the re-run joins the same pixels.h5."""
+    webp = (*DISTILL, "--pixel-cache", "webp")
+    undisturbed = tmp_path / "webp"
+    for folder in ("extract", "features", "align"):
+        shutil.copytree(reference / folder, undisturbed / folder, copy_function=shutil.copy2)
+    assert invoke(webp[0], "--run", undisturbed, *webp[1:]).exit_code == 0
+    expected = outputs(undisturbed, ("pixels",))
+    monkeypatch.setenv("PIPELINE_SKIP_SPACE_CHECK", "1")
+    for free_kb in (0, 8, 40, 100):
+        run = small_disk / f"run{free_kb}"
+        for folder in ("extract", "features", "align"):
+            shutil.copytree(reference / folder, run / folder, copy_function=shutil.copy2)
+        fill(small_disk, free_kb)
+        result = invoke(webp[0], "--run", run, *webp[1:])
+        assert result.exit_code == 2 and "Traceback" not in result.output and "free on" in result.output, \
+            (free_kb, result.output)
+        os.unlink(small_disk / "filler")
+        result = invoke(webp[0], "--run", run, *webp[1:])
+        assert result.exit_code == 0, (free_kb, result.output)
+        assert outputs(run, ("pixels",)) == expected, free_kb
+        shutil.rmtree(run)
