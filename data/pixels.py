@@ -32,6 +32,20 @@ def render_row(path, params: np.ndarray, spec: views_mod.InputSpec) -> np.ndarra
     return render_views(load_image(path), params, spec)
 
 
+class RenderedRows(torch.utils.data.Dataset):
+    """Row -> (row, its K views as uint8 [K, S, S, 3]): each image decoded once for all its views
+    (``normalise`` then gives exactly the tensors ``ReplayImages`` gives view by view)."""
+
+    def __init__(self, root, paths, view_params: np.ndarray, spec: views_mod.InputSpec):
+        self.root, self.paths, self.view_params, self.spec = Path(root), paths, view_params, spec
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, row):
+        return int(row), torch.from_numpy(render_row(self.root / self.paths[row], self.view_params[row], self.spec))
+
+
 def lookup_table(spec: views_mod.InputSpec) -> np.ndarray:
     """[3, 256] float32: ``InputSpec.__call__``'s own arithmetic applied to every byte value."""
     values = np.arange(256, dtype=np.float32)[:, None] / 255.0

@@ -14,7 +14,7 @@ import torch
 from cache import atomic, store, student_features
 from cache.teacher_cache import TeacherCache
 from cache.progress import progress, say
-from data.images import ReplayImages
+from data.pixels import RenderedRows, normalise
 from stages.fit import fit_on_cache
 from stages.losses import clip_logits, vl2v_loss
 from stages.methods import ALIGN_HPARAMS
@@ -72,24 +72,25 @@ class StudentFeatures(Stage):
             say(f"align: {len(self.repairing)} damaged blocks of {self.path}: recomputing {len(rows)} images")
         else:
             say(f"align: caching frozen {c['student']} features of {len(rows)} images x {n_views} views")
-        dataset = ReplayImages(index.root, index.paths, view_params, spec)
+        dataset = RenderedRows(index.root, index.paths, view_params, spec)  # one decode per image
         backbone = backbone.eval().to(device())
-        items = (rows[:, None] * n_views + np.arange(n_views)).ravel()
         started = time.time()
-        with progress(total=len(items), desc="student features", unit="view") as bar:
-            for batch_items, pixels in loader(dataset, items, self.batch_size, self.workers):
-                out = backbone(pixels.to(device(), non_blocking=True)).float().cpu().numpy()
+        with progress(total=len(rows) * n_views, desc="student features", unit="view") as bar:
+            # --batch-size counts views: whole images of K views each
+            for batch_rows, views in loader(dataset, rows, max(1, self.batch_size // n_views), self.workers):
+                pixels = normalise(views.flatten(0, 1), spec, device())
+                out = backbone(pixels).float().cpu().numpy().reshape(len(batch_rows), n_views, -1)
                 if features is None:
-                    features = np.zeros((len(index), n_views, out.shape[1]), np.float16)
-                features.reshape(-1, out.shape[1])[batch_items.numpy()] = out
-                bar.update(len(batch_items))
+                    features = np.zeros((len(index), n_views, out.shape[-1]), np.float16)
+                features[batch_rows.numpy()] = out
+                bar.update(out.shape[0] * n_views)
         if self.repairing and not self.force:
             student_features.repair(self.path, features, self.repairing)
         else:
             student_features.write(self.path, features, {**c, "input_spec": spec.to_dict()})
         atomic.write_bytes(self.folder / "student.json", json.dumps(
             {**c, "input_spec": spec.to_dict(), "dim": int(features.shape[-1])}, indent=2).encode())
-        return {"views": len(items), "seconds": round(time.time() - started, 2), "dim": int(features.shape[-1])}
+        return {"views": len(rows) * n_views, "seconds": round(time.time() - started, 2), "dim": int(features.shape[-1])}
 
 
 class Align(Stage):

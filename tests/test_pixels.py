@@ -337,3 +337,40 @@ def test_reading_every_row_does_not_grow_resident_memory(tmp_path):
     growth = _resident_bytes() - warm
     assert growth < 4 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MB while reading 18 MB of pixels"
     assert np.array_equal(dataset[1234 * k + 3][1].numpy(), probe)
+
+
+def test_student_features_decode_each_image_once_and_match_replay(run_copy, monkeypatch):
+    """The features stage renders all K views from one decode, and gets exactly the features that
+    replaying view by view gives."""
+    from conftest import ALIGN, invoke
+    import data.images
+    from stages.student import create_backbone
+
+    decodes = {"n": 0}
+    real = data.images.load_image
+
+    def counted(path):
+        decodes["n"] += 1
+        return real(path)
+
+    monkeypatch.setattr(data.images, "load_image", counted)
+    monkeypatch.setattr(pixels, "load_image", counted)
+    assert invoke("align", "--run", run_copy, "--holdout", "photo", *ALIGN).exit_code == 0
+    status = store.read(run_copy / "extract" / "teacher.h5", "status")
+    assert decodes["n"] == int((status == store.DONE).sum())  # not once per view
+    monkeypatch.setattr(data.images, "load_image", real)
+    features = store.read(next((run_copy / "features").glob("*/features.h5")), "features")
+    view_params = store.read(run_copy / "extract" / "teacher.h5", "view_params")
+    from stages.runfolder import RunFolder
+    index = RunFolder(run_copy).load_index()
+    backbone, spec = create_backbone("test_resnet", "none", 32)
+    replay = ReplayImages(index.root, index.paths, view_params, spec)
+    rendered = pixels.RenderedRows(index.root, index.paths, view_params, spec)
+    for row in (0, 17, 40):  # the very tensors replay gives, view by view
+        views = pixels.normalise(rendered[row][1], spec)
+        assert torch.equal(views, torch.stack([replay[row * 3 + k][1] for k in range(3)]))
+    items = [0, 4, 17, 3 * 40 + 2]
+    with torch.inference_mode():
+        expected = backbone.eval()(torch.stack([replay[i][1] for i in items])).numpy()
+    # the same inputs; only the batch they ran in differs (float rounding of the convolutions)
+    assert np.allclose(features.reshape(-1, features.shape[-1])[items], expected, rtol=1e-3, atol=1e-3)
