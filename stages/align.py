@@ -151,10 +151,10 @@ def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.T
     ``row * K + view``. Returns the best projection's state dict and the training log.
     """
     torch.manual_seed(seed)
-    flat_teacher = teacher_emb.flatten(0, 1).float()
+    flat_teacher = teacher_emb.flatten(0, 1)  # a view, no copy: each batch is converted alone
     projection = torch.nn.Linear(features.shape[-1], teacher_emb.shape[-1])
     return fit_on_cache(
         projection, features, train_rows_by_domain, val_rows_by_domain,
-        loss=lambda z, rows, items: vl2v_loss(z, flat_teacher[items], classifier[labels[rows]], lam),
+        loss=lambda z, rows, items: vl2v_loss(z, flat_teacher[items].float(), classifier[labels[rows]], lam),
         logits=lambda z: clip_logits(z, classifier), labels=labels, steps=steps, per_domain=per_domain,
         lr=lr, weight_decay=weight_decay, seed=seed, eval_every=eval_every, desc="align")

@@ -27,14 +27,14 @@ def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_
     eval view (view 0) of each domain's ``val_rows_by_domain``. Returns the best state dict and the log.
     """
     n_views = features.shape[1]
-    flat = features.flatten(0, 1).float()
+    flat = features.flatten(0, 1)  # a view, no copy: each batch is converted to float32 alone
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
     sampler = BalancedViewSampler(train_rows_by_domain, per_domain, n_views, seed, steps)
     val_rows = [torch.as_tensor(rows) for rows in val_rows_by_domain]
     best, log = (-1.0, None, 0), []
     for step, items in enumerate(progress(iterable=sampler, desc=desc, unit="step"), start=1):
         items = torch.as_tensor(items)
-        batch_loss = loss(module(flat[items]), items // n_views, items)
+        batch_loss = loss(module(flat[items].float()), items // n_views, items)
         require_finite(batch_loss.item(), step, "nothing was saved")
         optimizer.zero_grad(set_to_none=True)
         batch_loss.backward()
