@@ -1,8 +1,9 @@
 """Stage manifests: what a stage ran with, so unchanged work is skipped and changed work is not.
 
 Each stage folder holds ``manifest.json``: the stage's config, the fingerprints of the inputs
-it read (other stages' outputs, by path relative to the run folder) and the sha256, size and
-mtime of each output it wrote. A stage is fresh when its config and input fingerprints are
+it read (other stages' outputs, by path relative to the run folder) and the fingerprint, size
+and mtime of each output it wrote (the fingerprint of an HDF5 store covers its attributes and
+checksum tables, never its whole arrays: ``content_hash``). A stage is fresh when its config and input fingerprints are
 unchanged and its outputs are still the files it wrote. Like ``make`` or DVC stages.
 """
 import json
@@ -10,10 +11,16 @@ import os
 import time
 from pathlib import Path
 
-from cache import atomic
+from cache import atomic, store
 from cache.fingerprint import file_stat, sha256_file
 
 MANIFEST = "manifest.json"
+
+
+def content_hash(path) -> str:
+    """A stage output's fingerprint: an HDF5 store's attributes and checksum tables (cheap, and
+    enough: its rows are verified against them where they are read), any other file's sha256."""
+    return store.content_hash(path) or sha256_file(path)
 
 
 def _normal(obj):
@@ -38,7 +45,7 @@ def write(stage_dir, config: dict, inputs: dict, outputs: list, summary: dict | 
     manifest = {
         "config": _normal(config),
         "inputs": _normal(inputs),
-        "outputs": {name: {"sha256": sha256_file(stage_dir / name), **file_stat(stage_dir / name)}
+        "outputs": {name: {"sha256": content_hash(stage_dir / name), **file_stat(stage_dir / name)}
                     for name in outputs},
         "summary": _normal(summary or {}),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -70,7 +77,7 @@ def restore(stage_dir, recorded: dict | None) -> None:
     for name, output in recorded["outputs"].items():
         path = Path(stage_dir) / name
         if not path.exists() or (file_stat(path) != {"size": output["size"], "mtime_ns": output["mtime_ns"]}
-                                 and sha256_file(path) != output["sha256"]):
+                                 and content_hash(path) != output["sha256"]):
             return
     _replace(stage_dir, recorded)
 
@@ -89,7 +96,7 @@ def output_hash(run_root, relpath: str) -> str | None:
     recorded = manifest["outputs"][path.name]
     if file_stat(path) == {"size": recorded["size"], "mtime_ns": recorded["mtime_ns"]}:
         return recorded["sha256"]
-    return sha256_file(path)
+    return content_hash(path)
 
 
 def why_stale(stage_dir, config: dict, inputs: dict) -> str | None:
@@ -113,7 +120,7 @@ def why_stale(stage_dir, config: dict, inputs: dict) -> str | None:
         if not path.exists():
             return f"output missing: {name}"
         if file_stat(path) != {"size": recorded["size"], "mtime_ns": recorded["mtime_ns"]} \
-                and sha256_file(path) != recorded["sha256"]:
+                and content_hash(path) != recorded["sha256"]:
             return f"output modified: {name}"
     return None
 

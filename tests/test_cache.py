@@ -329,3 +329,24 @@ def test_failed_writes_read_as_one_sentence_and_space_is_checked(tmp_path, monke
         space.require(tmp_path, 10 ** 18, "pixels.h5")
     monkeypatch.setenv("PIPELINE_SKIP_SPACE_CHECK", "1")
     space.require(tmp_path, 10 ** 18, "pixels.h5")
+
+
+def test_store_fingerprint_covers_attributes_and_checksums_not_the_arrays(tmp_path):
+    """A manifest fingerprints an HDF5 store by its attributes and checksum tables: the same for
+    the same content whatever the mtime, changed by a status or checksum write, and computed
+    without reading the arrays (their damage is found where rows are read)."""
+    from cache import manifest, student_features
+
+    path = tmp_path / "features.h5"
+    features = np.random.default_rng(0).standard_normal((3000, 2, 8)).astype(np.float16)
+    student_features.write(path, features, {"student": "x"})
+    first = manifest.content_hash(path)
+    assert first.startswith("store-") and first != manifest.sha256_file(path)
+    os.utime(path, ns=(0, 0))
+    assert manifest.content_hash(path) == first
+    # a rewritten block with its checksum: a different store
+    student_features.repair(path, features * 2, store.blocks(len(features), student_features.BLOCK)[:1])
+    assert manifest.content_hash(path) not in (None, first)
+    plain = tmp_path / "weights.bin"
+    plain.write_bytes(b"abc")
+    assert manifest.content_hash(plain) == manifest.sha256_file(plain)
