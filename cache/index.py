@@ -38,8 +38,9 @@ def write_table(path, columns: dict, metadata: dict) -> None:
         pq.write_table(table, tmp, write_page_checksum=True)
 
 
-def read_table(path) -> tuple[dict, dict]:
-    """Return (columns as Python lists, metadata dict); an unreadable file is a ``UserError``."""
+def read_table(path, arrow: bool = False) -> tuple[dict | pa.Table, dict]:
+    """Return (columns as Python lists, metadata dict); an unreadable file is a ``UserError``.
+    ``arrow``: the columns as the checked ``pa.Table`` instead (no conversion to Python objects)."""
     try:
         with pq.ParquetFile(path, page_checksum_verification=True) as f:
             if f.metadata.metadata is None:  # pyarrow always writes some; a damaged footer may drop it all
@@ -49,7 +50,7 @@ def read_table(path) -> tuple[dict, dict]:
         encoded = stored.get(METADATA_KEY, b"{}")
         if DIGEST_KEY in stored and stored[DIGEST_KEY] != _digest(table, encoded):
             raise ValueError("its schema, row count or metadata does not match their checksum")
-        return table.to_pydict(), json.loads(encoded)
+        return (table if arrow else table.to_pydict()), json.loads(encoded)
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:  # bad JSON and bad UTF-8 are ValueErrors too

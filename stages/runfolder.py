@@ -17,6 +17,7 @@ RUN/demo-data/                    the built-in demo dataset (`pipeline run` with
 Every stage folder also holds its ``manifest.json`` (``cache/manifest.py``). This module is the
 one place that names these paths; stages and commands ask it.
 """
+import copy
 import json
 import os
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from data.domainbed import ImageIndex
 class RunFolder:
     def __init__(self, root):
         self.root = Path(root)
+        self._index = None  # (stat key, ImageIndex) of the last index read
 
     def rel(self, path) -> str:
         return Path(path).relative_to(self.root).as_posix()
@@ -122,10 +124,19 @@ class RunFolder:
         return {self.rel(self.teacher_cache): digest}
 
     def load_index(self) -> ImageIndex:
-        if not self.index_path.exists():
+        """The image index, read once per command: kept while the file's (size, mtime, inode) stay the
+        same, so a rewritten index is read again. Each call gets its own shallow copy: reassigning an
+        attribute (``index.status = ...``) leaves the kept one alone; its columns are shared, not to be
+        changed in place."""
+        try:
+            st = self.index_path.stat()
+        except (FileNotFoundError, NotADirectoryError):
             raise UserError(f"{self.root} has no extracted cache; run `pipeline extract --data ROOT "
-                            f"--run {self.root}` first")
-        return ImageIndex.from_columns(*read_table(self.index_path))
+                            f"--run {self.root}` first") from None
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if self._index is None or self._index[0] != key:
+            self._index = key, ImageIndex.from_columns(*read_table(self.index_path, arrow=True))
+        return copy.copy(self._index[1])
 
     def _finished_students(self, pattern: str, position: int) -> list:
         """Student keys of finished stages: path part ``position`` of each manifest matching ``pattern``."""
