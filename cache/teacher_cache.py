@@ -103,10 +103,25 @@ def damaged_texts(f: h5py.File) -> list:
     return [name for name, digest in recorded.items() if _sha256(f[name][()]) != digest]
 
 
-def count_damaged(path) -> int:
-    """Damaged blocks of rows, and damaged text datasets."""
+def to_repair(path) -> str | None:
+    """What a fresh-looking store still needs, checked cheaply (no block is re-hashed): pending
+    blocks (unfinished, or marked by a reader that found them damaged), damaged text datasets."""
     with store.reading(path) as f:
-        return len(damaged_blocks(f, f["image_emb"][()], f["view_params"][()])) + len(damaged_texts(f))
+        if (f["status"][()] == store.PENDING).any():
+            return "teacher.h5 has blocks to compute"
+        return "teacher.h5 has damaged text embeddings" if damaged_texts(f) else None
+
+
+def _mark_pending(path, blocks: list, block: int, n_rows: int) -> None:
+    """Damaged blocks found by a reader: pending again, so the next extraction recomputes them.
+    A read-only cache is left as it is (the error still names the damage)."""
+    try:
+        with store.Rows(path) as rows:
+            for b in blocks:
+                rows.write("status", b * block, np.zeros(min(block, n_rows - b * block), np.uint8))
+            rows.sync()
+    except OSError:
+        pass
 
 
 def repair(path, texts) -> int:
@@ -178,6 +193,8 @@ class TeacherCache:
             bad_texts = damaged_texts(f)
             self.classifier, self.ensemble, self.anchor_emb = (
                 torch.from_numpy(f[name][()]).float() for name in ("classifier", "rise_classifier", "anchor_emb"))
+        if damaged:
+            _mark_pending(self.path, damaged, int(self.attrs["batch_size"]), len(image_emb))
         if damaged or bad_texts:
             what = ", ".join(([f"{len(damaged)} blocks of rows"] if damaged else []) + bad_texts)
             raise UserError(f"{self.path} is damaged: {what} do not match their checksums; "

@@ -73,13 +73,13 @@ class Extract(Stage):
                 "format_version": store.FORMAT_VERSION}
 
     def why_stale(self) -> str | None:
-        """Also stale when the cache no longer matches its checksums, even with its size and mtime kept."""
+        """Also stale when the cache is unreadable, has pending blocks (a reader that found blocks
+        not matching their checksums marks them so) or damaged text embeddings. Checked without
+        re-hashing its blocks: every load verifies them."""
         why = super().why_stale()
         if why is None and not store.readable(self.run.teacher_cache):
             return "teacher.h5 is not readable"
-        if why is None and teacher_cache.count_damaged(self.run.teacher_cache):
-            return "teacher.h5 is damaged"
-        return why
+        return why or teacher_cache.to_repair(self.run.teacher_cache)
 
     def check(self) -> None:
         """Never mix: a cache made with another teacher, view set or dataset is refused."""
@@ -216,6 +216,8 @@ class Extract(Stage):
         block = int(store.read_attrs(store_path)["batch_size"])
         status = store.read(store_path, "status")
         blocks = [list(range(rows.start + b.start, rows.start + b.stop)) for b in store.pending_blocks(status, block)]
+        if blocks and (status != store.PENDING).any():
+            say(f"extract: {len(blocks)} blocks to compute")
         started, done_now = time.time(), 0
         if blocks:
             dataset = ExtractionImages(index.root, index.paths, n_views, self.view_seed, teacher.input_spec,

@@ -111,8 +111,8 @@ class RunFolder:
         is refused, naming what to run, before anything is recomputed or forgotten."""
         digest = manifest.output_hash(self.root, self.rel(path))
         if digest is not None and digest != manifest.load(Path(path).parent)["outputs"][Path(path).name]["sha256"]:
-            raise UserError(f"{path} differs from what its stage recorded (damaged, or changed by hand); "
-                            f"{store.repair_hint(path)}")
+            raise UserError(f"{path} is damaged or was changed by hand (it differs from what its stage "
+                            f"recorded); {store.repair_hint(path)}")
         return digest
 
     def teacher_cache_input(self) -> dict:
