@@ -56,8 +56,14 @@ class ImageIndex:
         if split is not None:
             keep &= self.split == split
         if self.status is not None:
-            keep &= np.asarray(self.status) == "ok"
+            keep &= self._ok()
         return np.flatnonzero(keep)
+
+    def _ok(self) -> np.ndarray:
+        """Rows whose status is "ok", computed once per status list (``rows`` is called often)."""
+        if getattr(self, "_ok_of", None) is not self.status:
+            self._ok_of, self._ok_rows = self.status, np.asarray(self.status) == "ok"
+        return self._ok_rows
 
     def check_holdout(self, holdout: str) -> list:
         """The source domains for ``holdout``; a clear error if it is not a domain here."""
