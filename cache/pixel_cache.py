@@ -25,8 +25,9 @@ Two forms (attribute ``form``):
   teacher embedded the exactly rendered view, so a student trained on lossy pixels would no
   longer see the view whose target is cached.
 
-Both: ``status`` [images] uint8 (0 pending, 1 done, 2 failed), set only after the block's pixels
-are on disk, and attributes: ``format`` ("pixels"), ``pixels_version``, ``form``, ``size``,
+Both: ``view_crc32`` [images, views] uint32, the CRC32 of each stored view (its raw bytes, or its
+WebP), checked on every read; ``status`` [images] uint8 (0 pending, 1 done, 2 failed), set only
+after the block's pixels are on disk, and attributes: ``format`` ("pixels"), ``pixels_version``, ``form``, ``size``,
 ``interpolation``, ``views``, ``images``, ``source`` (dataset fingerprint and the sha256 of the
 view parameters the pixels were rendered from), ``block``, and for information the Pillow and
 torchvision versions that rendered them.

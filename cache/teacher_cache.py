@@ -16,7 +16,9 @@ Datasets (row ``i`` is row ``i`` of ``index.parquet``):
   the attribute ``anchor_names`` (every domain, then RISE's generic anchors)
 
 Attributes: the teacher's identity (``IDENTITY_KEYS``: a store is reused only when all of them
-match), the templates, classes, domains and ``batch_size`` (the block of rows written at once).
+match), the templates, classes, domains, ``batch_size`` (the block of rows written at once) and
+``text_sha256`` (the sha256 of each text dataset, written with them at creation and checked on
+every load).
 Row datasets are written block by block and ``status`` is set only after a block's embeddings
 are on disk (fsynced) and read back equal to their checksum, so a killed extraction resumes with the pending blocks. Under torchrun each rank
 writes a shard (``shards/rank{r}-of-{N}.h5``) and ``join_shards`` makes ``teacher.h5`` an HDF5
