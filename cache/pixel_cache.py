@@ -182,8 +182,7 @@ def mark_damaged(path) -> int:
             damaged += e.rows
     reader.close()
     with store.Rows(path) as out:
-        for row in damaged:
-            out.write("status", row, np.zeros(1, np.uint8))
+        out.mark_pending(range(row, row + 1) for row in damaged)
         out.sync()
     return len(damaged)
 

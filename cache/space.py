@@ -32,14 +32,14 @@ def human(n: float) -> str:
         n /= 1000
 
 
-def require(path, needed: int, what: str, advice: str = "free space or choose another --run folder",
-            margin: int = MARGIN) -> None:
+def require(path, needed: int, what: str, advice: str | None = None, margin: int = MARGIN) -> None:
     """Refuse with one line when the filesystem of ``path`` has less than ``needed`` + ``margin`` free."""
     if os.environ.get("PIPELINE_SKIP_SPACE_CHECK") == "1":
         return
     free = free_bytes(path)
     if free < needed + margin:
-        raise UserError(f"{what} needs {human(needed + margin)}, {human(free)} free on {_mount(path)}: {advice}")
+        raise UserError(f"{what} needs {human(needed + margin)}, {human(free)} free on {_mount(path)}: "
+                        f"{advice or 'free space or choose another --run folder'}")
 
 
 def _mount(path) -> str:

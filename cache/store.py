@@ -36,7 +36,7 @@ def create(path, datasets: dict, attrs: dict, data: dict | None = None, advice: 
     """
     path = Path(path)
     needed = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in datasets.values())
-    space.require(path.parent, needed, name or path.name, *([advice] if advice else []))
+    space.require(path.parent, needed, name or path.name, advice)
     with atomic.replacing(path) as tmp:
         _in_child(lambda: _write_new(tmp, datasets, attrs, data or {}), tmp)
         with open(tmp, "r+b") as f:  # every block reserved now: row writes never meet a full disk
@@ -125,6 +125,11 @@ class Rows:
             raise OSError(errno.EIO, "short read", str(self.path))
         return np.frombuffer(data, dtype.newbyteorder("<")).reshape(n, *self.layout[name][1][1:])
 
+    def mark_pending(self, ranges) -> None:
+        """The rows of ``ranges`` pending again (``status`` 0): what the next build redoes."""
+        for rows in ranges:
+            self.write("status", rows.start, np.full(len(rows), PENDING, np.uint8))
+
     def sync(self) -> None:
         """Everything written so far is on disk (a lost write raises here)."""
         self._named(os.fsync, self.fd)
@@ -189,7 +194,7 @@ def content_hash(path) -> str | None:
     with checksums (hash it whole). Damage that these do not see is found where the rows are
     read, by their checksums."""
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with reading(path) as f:
             names = [name for name in CHECKSUM_DATASETS if name in f]
             if not any(name in f for name in ("block_sha256", "view_crc32")):
                 return None
@@ -197,7 +202,7 @@ def content_hash(path) -> str | None:
             for name in names:
                 digest.update(name.encode() + np.ascontiguousarray(f[name][()]).tobytes())
             return "store-" + digest.hexdigest()
-    except OSError:
+    except (UserError, OSError):  # not HDF5 at all
         return None
 
 

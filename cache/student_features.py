@@ -44,8 +44,9 @@ def repair(path, features: np.ndarray, blocks: list) -> None:
     """Rewrite ``blocks`` (row ranges) of ``path`` from ``features``, recomputed for those rows."""
     with store.Rows(path) as out:
         for b in blocks:
-            out.write("features", b.start, features[b.start:b.stop].astype(np.float16))
-            out.write(CHECKSUMS, b.start // BLOCK, _checksums(features[b.start:b.stop].astype(np.float16)))
+            rows = features[b.start:b.stop].astype(np.float16)
+            out.write("features", b.start, rows)
+            out.write(CHECKSUMS, b.start // BLOCK, _checksums(rows))
         out.sync()
 
 

@@ -35,6 +35,7 @@ import torch
 
 from cache import atomic, store
 from cache.errors import UserError
+from cache.fingerprint import sha256_bytes
 
 ROW_DATASETS = ("image_emb", "view_params", "status")
 CHECKSUMS = "block_sha256"
@@ -51,7 +52,7 @@ DESCRIBED_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", 
 
 def create(path, n_rows: int, n_views: int, n_params: int, dim: int, texts: dict, attrs: dict) -> None:
     """A new store with every row pending and the text embeddings written (with their checksums)."""
-    texts = {name: t.numpy().astype(np.float16) for name, t in texts.items()}
+    texts = _as_stored(texts)
     datasets = {"image_emb": ((n_rows, n_views, dim), np.float16),
                 "view_params": ((n_rows, n_views, n_params), np.float32),
                 "status": ((n_rows,), np.uint8),
@@ -60,8 +61,13 @@ def create(path, n_rows: int, n_views: int, n_params: int, dim: int, texts: dict
     store.create(path, datasets, {**attrs, TEXT_CHECKSUMS: {name: _sha256(t) for name, t in texts.items()}}, texts)
 
 
+def _as_stored(texts: dict) -> dict:
+    """Text embeddings (tensors) as the float16 arrays the store holds."""
+    return {name: t.numpy().astype(np.float16) for name, t in texts.items()}
+
+
 def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    return sha256_bytes(np.ascontiguousarray(array).tobytes())
 
 
 def block_checksum(embeddings: np.ndarray, params: np.ndarray, status: np.ndarray) -> np.ndarray:
@@ -119,11 +125,16 @@ def _mark_pending(path, blocks: list, block: int, n_rows: int) -> None:
     A read-only cache is left as it is (the error still names the damage)."""
     try:
         with store.Rows(path) as rows:
-            for b in blocks:
-                rows.write("status", b * block, np.zeros(min(block, n_rows - b * block), np.uint8))
+            rows.mark_pending(_row_ranges(blocks, block, n_rows))
             rows.sync()
     except OSError:
         pass
+
+
+def _row_ranges(blocks: list, block: int, n_rows: int) -> list:
+    """The rows of the blocks numbered ``blocks``."""
+    every = store.blocks(n_rows, block)
+    return [every[b] for b in blocks]
 
 
 def repair(path, texts) -> int:
@@ -135,11 +146,9 @@ def repair(path, texts) -> int:
         recorded, block = store.attributes(f).get(TEXT_CHECKSUMS, {}), int(f.attrs["batch_size"])
         n_rows = len(f["status"])
     with store.Rows(path) as rows:
-        for b in damaged:
-            start = b * block
-            rows.write("status", start, np.zeros(min(block, n_rows - start), np.uint8))
+        rows.mark_pending(_row_ranges(damaged, block, n_rows))
         if bad_texts:
-            fresh = {name: t.numpy().astype(np.float16) for name, t in texts().items()}
+            fresh = _as_stored(texts())
             for name in bad_texts:
                 if _sha256(fresh[name]) != recorded[name]:
                     raise UserError(f"{path}: the teacher's {name} now differs from the one recorded at "
@@ -167,7 +176,7 @@ def join_shards(path, shards: list, shard_rows: list, n_rows: int, texts: dict, 
                     layout[start:stop] = h5py.VirtualSource(
                         f"{Path(shard).parent.name}/{Path(shard).name}", name, shape=(stop - start, *shape[1:]))
             f.create_virtual_dataset(name, layout)
-        texts = {name: t.numpy().astype(np.float16) for name, t in texts.items()}
+        texts = _as_stored(texts)
         for name, t in texts.items():
             f[name] = t
         store.write_attrs(f, {"format_version": store.FORMAT_VERSION, **attrs,

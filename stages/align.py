@@ -48,8 +48,6 @@ class StudentFeatures(Stage):
     def why_stale(self) -> str | None:
         """Also stale when features.h5 is damaged; then only its damaged blocks are recomputed."""
         why, self.repairing = super().why_stale(), []
-        if why is None and not store.readable(self.path):
-            return f"{student_features.FILE} is not readable"
         if why is None:
             self.repairing = student_features.damaged_rows(self.path)
             return f"{student_features.FILE} is damaged" if self.repairing else None

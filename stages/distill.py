@@ -222,8 +222,7 @@ class TrainingState:
         model = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         swad = self.swad is not None
         saved_state = model * (3 + swad) if self.path is not None else 0
-        space.require(folder, 2 * saved_state + model * (1 + swad), "this training (its checkpoints)",
-                      "free space or choose another --run folder")
+        space.require(folder, 2 * saved_state + model * (1 + swad), "this training (its checkpoints)")
 
     def restore(self) -> None:
         """Continue from the saved state, if there is one for this exact configuration."""

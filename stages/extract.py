@@ -76,10 +76,7 @@ class Extract(Stage):
         """Also stale when the cache is unreadable, has pending blocks (a reader that found blocks
         not matching their checksums marks them so) or damaged text embeddings. Checked without
         re-hashing its blocks: every load verifies them."""
-        why = super().why_stale()
-        if why is None and not store.readable(self.run.teacher_cache):
-            return "teacher.h5 is not readable"
-        return why or teacher_cache.to_repair(self.run.teacher_cache)
+        return super().why_stale() or teacher_cache.to_repair(self.run.teacher_cache)
 
     def check(self) -> None:
         """Never mix: a cache made with another teacher, view set or dataset is refused."""

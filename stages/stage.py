@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save
 
-from cache import atomic, manifest
+from cache import atomic, manifest, store
 from cache.errors import UserError
 from cache.progress import say
 from stages.distributed import barrier, is_main
@@ -51,7 +51,13 @@ class Stage:
         """When skipped as fresh: redo what ``published`` did if a crash lost it."""
 
     def why_stale(self) -> str | None:
-        return manifest.why_stale(self.folder, self.config, self.inputs)
+        """What the manifest says, or an HDF5 output that no longer opens whole (truncated, or not
+        HDF5), which its recorded size and mtime may not show."""
+        why = manifest.why_stale(self.folder, self.config, self.inputs)
+        if why is None:
+            why = next((f"{name} is not readable" for name in self.outputs
+                        if name.endswith(".h5") and not store.readable(Path(self.folder) / name)), None)
+        return why
 
 
 @contextmanager
