@@ -15,7 +15,8 @@ Datasets (row ``i`` is row ``i`` of ``index.parquet``):
 - ``anchor_emb``      [classes, anchors, dim] float16: "a {d} of a {class}" for every name in
   the attribute ``anchor_names`` (every domain, then RISE's generic anchors)
 
-Attributes: the teacher's identity (``IDENTITY_KEYS``: a store is reused only when all of them
+Attributes: ``logit_scale`` and ``logit_bias`` (the teacher's logits are
+``logit_scale * cos + logit_bias``; 100 and 0 where absent), the teacher's identity (``IDENTITY_KEYS``: a store is reused only when all of them
 match), the templates, classes, domains, ``batch_size`` (the block of rows written at once) and
 ``text_sha256`` (the sha256 of each text dataset, written with them at creation and checked on
 every load).
@@ -36,6 +37,8 @@ import torch
 from cache import atomic, store
 from cache.errors import UserError
 from cache.fingerprint import sha256_bytes
+
+LOGIT_SCALE = 100.0  # OpenAI CLIP's exp(logit_scale): what a cache that records none was made with
 
 ROW_DATASETS = ("image_emb", "view_params", "status")
 CHECKSUMS = "block_sha256"
@@ -190,6 +193,8 @@ class TextTargets:
     classifier: torch.Tensor  # [C, D] the chosen templates, averaged and normalised
     ensemble: torch.Tensor    # [C, D] RISE's 7-template ensemble, averaged and normalised
     anchors: torch.Tensor     # [C, A, D] "a {d} of a {class}." for the chosen anchor names d
+    logit_scale: float = LOGIT_SCALE  # the teacher's logits: ``logit_scale * cos + logit_bias``
+    logit_bias: float = 0.0
 
 
 class TeacherCache:
@@ -213,6 +218,9 @@ class TeacherCache:
         self.image_emb = torch.from_numpy(image_emb)  # float16
         self.n_views = self.image_emb.shape[1]
         self.anchor_names = self.attrs["anchor_names"]
+        # caches written before these were recorded were all made with OpenAI-style teachers
+        self.logit_scale = float(self.attrs.get("logit_scale", LOGIT_SCALE))
+        self.logit_bias = float(self.attrs.get("logit_bias", 0.0))
 
     @property
     def dim(self) -> int:
@@ -228,4 +236,5 @@ class TeacherCache:
     def text(self, anchors: list) -> TextTargets:
         """The text targets, with RISE's anchors restricted to the given anchor names."""
         chosen = [self.anchor_names.index(a) for a in anchors]
-        return TextTargets(classifier=self.classifier, ensemble=self.ensemble, anchors=self.anchor_emb[:, chosen])
+        return TextTargets(classifier=self.classifier, ensemble=self.ensemble, anchors=self.anchor_emb[:, chosen],
+                           logit_scale=self.logit_scale, logit_bias=self.logit_bias)

@@ -11,6 +11,7 @@ drawn with seeds disjoint from the demo dataset's. Reproduce the shipped checkpo
 which writes ``data/demo_teacher/open_clip_model.safetensors`` (float16) in about 16 minutes on 2 CPU cores.
 """
 import argparse
+import math
 import shutil
 import time
 from pathlib import Path
@@ -115,6 +116,9 @@ def train(steps: int, batch_size: int, per_pair: int, lr: float, seed: int = SEE
         if step % 100 == 0 or step == steps:
             print(f"step {step}/{steps} loss {loss.item():.3f} ({time.time() - started:.0f} s)", flush=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    # The logit rule of a released CLIP: OpenAI's ends training at its clamp, 100 (this one learnt
+    # about 22). Its embeddings are unchanged; float32, so the scale reads as 100, not fp16's 100.03.
+    state["logit_scale"] = torch.tensor(math.log(100.0))
     path = folder / "open_clip_model.safetensors"
     save_file(state, path)
     return path

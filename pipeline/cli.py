@@ -86,7 +86,7 @@ def main():
               help="Dataset root in DomainBed layout: ROOT/<domain>/<class>/<image>.")
 @RUN
 @click.option("--teacher", default=config.REAL["teacher"], show_default=True,
-              help="open_clip model name, local-dir:PATH (config and weights in a folder), or the URL of a "
+              help="open_clip model name, local-dir:PATH (config and weights in a folder), hf-hub:ORG/REPO, or the URL of a "
                    "teacher service (http(s)://HOST:PORT[/v2/models/NAME]; token in $PIPELINE_TEACHER_TOKEN).")
 @click.option("--pretrained", default=config.REAL["pretrained"], show_default=True,
               help="open_clip pretrained tag, a local checkpoint file, or 'none' (ignored for a URL).")

@@ -54,7 +54,8 @@ def describe_teacher(teacher, model_name: str) -> wire.Description:
     dim = int(teacher.encode_texts(["a"]).shape[-1])
     source = teacher.name if not teacher.name.startswith("local-dir:") else "local-dir"
     return wire.Description(teacher.input_spec, dim, teacher.identity["checkpoint_sha256"], source,
-                            teacher.pretrained or "", model_name, MAX_ITEMS)
+                            teacher.pretrained or "", model_name, MAX_ITEMS,
+                            logit_scale=teacher.logit_scale, logit_bias=teacher.logit_bias)
 
 
 def build_model(teacher, model_name: str):

@@ -42,8 +42,8 @@ class Extract(Stage):
             if remote_teacher.is_remote(teacher) else None
         if self.remote:
             teacher, pretrained = self.remote.url, None  # recorded without credentials
-        if teacher.startswith("local-dir:"):
-            pretrained = None  # the folder holds the weights; a release tag would mean nothing
+        if teacher.startswith(("local-dir:", "hf-hub:")):
+            pretrained = None  # the folder or repository holds the weights; a release tag would mean nothing
         self.run, self.folder, self.data_root = run, run.extract_dir, data_root
         self.teacher_name, self.pretrained, self.template_set = teacher, pretrained, template_set
         self.templates = templates_named(template_set)
@@ -70,6 +70,7 @@ class Extract(Stage):
                 "dataset_fingerprint": index.fingerprint, "classes": index.classes, "domains": index.domains,
                 "images": len(index), "param_names": list(PARAM_NAMES),
                 "anchor_names": index.domains + list(GENERIC_ANCHORS), "batch_size": self.batch_size,
+                "logit_scale": self.teacher.logit_scale, "logit_bias": self.teacher.logit_bias,
                 "format_version": store.FORMAT_VERSION}
 
     def why_stale(self) -> str | None:

@@ -6,7 +6,8 @@ CutMix enters every loss the same way: ``mix`` is the weight of the first image 
 import torch
 import torch.nn.functional as F
 
-LOGIT_SCALE = 100.0
+from cache.teacher_cache import LOGIT_SCALE
+
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,11 @@ def vl2v_loss(z: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor, 
     return lam * -_cos(z, image_emb).mean() + (1 - lam) * -text_cos.mean()
 
 
-def clip_logits(z: torch.Tensor, classifier: torch.Tensor, scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """``scale * cos(z, t_c)`` for every class c: [B, D] x [C, D] -> [B, C]."""
-    return scale * F.normalize(z.float(), dim=-1) @ F.normalize(classifier.float(), dim=-1).T
+def clip_logits(z: torch.Tensor, classifier: torch.Tensor, scale: float = LOGIT_SCALE,
+                bias: float = 0.0) -> torch.Tensor:
+    """``scale * cos(z, t_c) + bias`` for every class c: [B, D] x [C, D] -> [B, C]. The scale and
+    bias are the teacher's (``TextTargets.logit_scale``, ``logit_bias``); an OpenAI CLIP's are 100, 0."""
+    return scale * F.normalize(z.float(), dim=-1) @ F.normalize(classifier.float(), dim=-1).T + bias
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, labels_b: torch.Tensor | None = None,

@@ -278,6 +278,10 @@ class Method:
     def logits(self, outputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def teacher_logits(self, image_emb: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of its image embeddings: its own scale and bias."""
+        return losses.clip_logits(image_emb, classifier, self.text.logit_scale, self.text.logit_bias)
+
     def loss(self, outputs, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
@@ -335,7 +339,7 @@ class ADiP(Method):
         return self.model.backbone.parameters()  # projection and text head stay frozen
 
     def logits(self, z):
-        return losses.clip_logits(z, self.model.classifier)
+        return losses.clip_logits(z, self.model.classifier, self.text.logit_scale, self.text.logit_bias)
 
     def loss(self, z, b):
         classifier = self.model.classifier
@@ -425,15 +429,16 @@ class KD(ERM):
         return steps * batch
 
     def loss(self, logits, b):
-        teacher = losses.clip_logits(b.image_emb, self.text.classifier)
-        teacher_b = None if b.image_emb_b is None else losses.clip_logits(b.image_emb_b, self.text.classifier)
+        teacher = self.teacher_logits(b.image_emb, self.text.classifier)
+        teacher_b = None if b.image_emb_b is None else self.teacher_logits(b.image_emb_b, self.text.classifier)
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
         return self.hp["alpha"] * kd + (1 - self.hp["alpha"]) * losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)
 
 
 class RISE(Method):
     """RISE: ``w_kd * KD + w_ce * CE + w_dist * (AD + RD)`` with teacher logits
-    ``100 * cos(v, e_c)`` over the 7-template class ensemble, T = 3; SGD with step decay."""
+    ``logit_scale * cos(v, e_c)`` (the teacher's: 100 for OpenAI CLIP, the official constant) over the
+    7-template class ensemble, T = 3; SGD with step decay."""
 
     name, optimizer_kind = "rise", "sgd"
     freeze_batchnorm = False  # RISE's trainer puts the whole student in train mode every epoch
@@ -467,8 +472,8 @@ class RISE(Method):
             return (losses.rise_absolute_distance(s, ensemble[labels])
                     + losses.rise_relative_distance(s, ensemble[labels], anchors[labels]))
 
-        teacher = losses.clip_logits(b.image_emb, ensemble)
-        teacher_b = None if b.image_emb_b is None else losses.clip_logits(b.image_emb_b, ensemble)
+        teacher = self.teacher_logits(b.image_emb, ensemble)
+        teacher_b = None if b.image_emb_b is None else self.teacher_logits(b.image_emb_b, ensemble)
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
         ce = losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)
         dist = losses.mixed_mean(distance(b.labels), None if b.labels_b is None else distance(b.labels_b), b.mix)
@@ -527,13 +532,14 @@ class CacheMethod(FixedStudent):
 
 
 class ZeroShot(CacheMethod):
-    """The teacher itself: ``100 * cos(v, t_c)`` on the cached eval view and text classifier."""
+    """The teacher itself: ``logit_scale * cos(v, t_c) + logit_bias`` (the teacher's own; 100 and 0
+    for OpenAI CLIP) on the cached eval view and text classifier."""
 
     name, trains, seeded = "zeroshot", False, False
 
     @classmethod
     def logits_of(cls, weights, cache):
-        return lambda emb: losses.clip_logits(emb, cache.classifier)
+        return lambda emb: losses.clip_logits(emb, cache.classifier, cache.logit_scale, cache.logit_bias)
 
 
 class Probe(CacheMethod):

@@ -139,6 +139,7 @@ class RemoteTeacher:
         self._received: dict = {}
         served = self._metadata()
         self.dim, self.version, spec = served.embed_dim, served.version, served.spec
+        self.logit_scale, self.logit_bias = served.logit_scale, served.logit_bias
         self.input_spec = RemoteInputSpec(spec.size, spec.mean, spec.std, spec.interpolation)
         self.request_size = min(self.request_size, served.max_items or self.request_size)
         self.name, self.pretrained = f"remote:{self.model_name}", None

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.fingerprint import sha256_file, sha256_json
+from cache.teacher_cache import LOGIT_SCALE
 from data.views import InputSpec
 from cache.errors import UserError
 from stages.runtime import device
@@ -41,6 +42,13 @@ class OpenClipTeacher:
         finally:
             logging.disable(logging.NOTSET)
         self.model = model.eval().to(self.device)
+        # The teacher's own logit rule, ``scale * cos + bias`` (OpenAI CLIP: 100, no bias; SigLIP
+        # learns both): recorded in the cache and used by zero-shot and every method's teacher logits.
+        # (4 decimals: exp of a float32 ln(100) is 100.0000076, and 100 should read as 100)
+        self.logit_scale = round(float(model.logit_scale.detach().double().exp()), 4) \
+            if hasattr(model, "logit_scale") else LOGIT_SCALE
+        bias = getattr(model, "logit_bias", None)
+        self.logit_bias = float(bias.detach()) if bias is not None else 0.0
         self.tokenizer = open_clip.get_tokenizer(name)
         cfg = model.visual.preprocess_cfg
         size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
@@ -49,6 +57,8 @@ class OpenClipTeacher:
 
     @property
     def has_weights(self) -> bool:
+        if self.name.startswith("hf-hub:"):
+            return True  # the repository holds them (open_clip ignores --pretrained)
         if self.name.startswith("local-dir:"):
             folder = Path(self.name[len("local-dir:"):])
             return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.pth"))
@@ -99,9 +109,24 @@ def checkpoint_fingerprint(name: str, pretrained: str | None) -> str:
         folder = Path(name[len("local-dir:"):])
         files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         return sha256_json({p.name: sha256_file(p) for p in files})
+    if name.startswith("hf-hub:"):
+        return f"hf-hub:{name[len('hf-hub:'):]}@{hf_hub_revision(name[len('hf-hub:'):])}"
     if pretrained and os.path.isfile(pretrained):
         return sha256_file(pretrained)
     return f"tag:{pretrained}"  # an open_clip release tag names fixed weights
+
+
+def hf_hub_revision(repo: str) -> str:
+    """The commit an ``hf-hub:`` teacher resolves to now (from the local Hugging Face cache when
+    offline): a repository's weights can change under the same name, its commit cannot."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:  # open_clip reads this file first; its snapshot folder is named by the commit
+        config = Path(hf_hub_download(repo, "open_clip_config.json"))
+    except (OSError, ValueError, HFValidationError) as e:  # not cached offline, no such repository, a bad name
+        raise UserError(f"cannot resolve teacher hf-hub:{repo}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return config.parent.name
 
 
 def text_classifier(per_template: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ Model metadata (``GET /v2/models/{name}``): the standard fields, ``platform`` "o
   ``mean`` and ``std`` (each a JSON-encoded list of 3 floats): the teacher's ``InputSpec``;
 - ``embed_dim`` (int), ``version`` (str, the weights' fingerprint), ``source`` (the open_clip
   name, "local-dir" for a local folder), ``pretrained`` (str, "" for none), ``model`` (the
-  served name), ``max_items`` (int, the most images or texts in one request).
+  served name), ``max_items`` (int, the most images or texts in one request), ``logit_scale``
+  and ``logit_bias`` (floats: the teacher's logits are ``logit_scale * cos + logit_bias``;
+  a server that sends none is taken as 100 and 0, OpenAI CLIP's).
 
 Inference (``POST /v2/models/{name}/infer``): ONE input, ``image`` or ``text``, datatype
 ``BYTES``, shape ``[n]``. An image is a base64 PNG of the view at the teacher's input size,
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from cache.teacher_cache import LOGIT_SCALE
 from data.views import InputSpec
 
 IMAGE, TEXT = "image", "text"
@@ -47,6 +50,8 @@ class Description:
     model: str = ""
     max_items: int | None = None
     platform: str = PLATFORM
+    logit_scale: float = LOGIT_SCALE
+    logit_bias: float = 0.0
 
     def metadata(self, standard: dict) -> dict:
         """The standard v2 model metadata with this description added."""
@@ -54,7 +59,7 @@ class Description:
         parameters = {"size": spec.size, "interpolation": spec.interpolation, "mean": json.dumps(list(spec.mean)),
                       "std": json.dumps(list(spec.std)), "embed_dim": self.embed_dim, VERSION: self.version,
                       "source": self.source, "pretrained": self.pretrained, "model": self.model,
-                      "max_items": self.max_items}
+                      "max_items": self.max_items, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
         return {**standard, "versions": [self.version], "platform": self.platform, "parameters": parameters}
 
     @classmethod
@@ -66,7 +71,8 @@ class Description:
                              interpolation=str(p.get("interpolation", "bicubic")))
             max_items = p.get("max_items")
             return cls(spec, int(p["embed_dim"]), str(p[VERSION]), p.get("source", ""), p.get("pretrained") or "",
-                       p.get("model", ""), None if max_items is None else int(max_items), meta.get("platform", ""))
+                       p.get("model", ""), None if max_items is None else int(max_items), meta.get("platform", ""),
+                       float(p.get("logit_scale", LOGIT_SCALE)), float(p.get("logit_bias", 0.0)))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ValueError("the model metadata does not describe a served teacher") from None
 
