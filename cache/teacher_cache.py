@@ -33,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cache import atomic, store
 from cache.errors import UserError
@@ -50,7 +51,7 @@ IDENTITY_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "preprocess", "te
 # Attributes `pipeline info` shows.
 DESCRIBED_KEYS = ("teacher", "pretrained", "checkpoint_sha256", "template_set", "templates", "views",
                   "view_seed", "augment", "preprocess", "dataset_fingerprint", "images", "format_version",
-                  "remote")
+                  "remote", "logit_scale", "logit_bias")
 
 
 def create(path, n_rows: int, n_views: int, n_params: int, dim: int, texts: dict, attrs: dict) -> None:
@@ -238,3 +239,44 @@ class TeacherCache:
         chosen = [self.anchor_names.index(a) for a in anchors]
         return TextTargets(classifier=self.classifier, ensemble=self.ensemble, anchors=self.anchor_emb[:, chosen],
                            logit_scale=self.logit_scale, logit_bias=self.logit_bias)
+
+
+# What teachers must share to be averaged: the same images, views and prompts.
+ENSEMBLE_KEYS = ("dataset_fingerprint", "views", "view_seed", "augment", "classes", "domains", "anchor_names",
+                 "templates")
+
+
+def ensemble(caches: list, names: list) -> TeacherCache:
+    """The teachers' ensemble, as DataCompDR's multi-teacher targets: per view (and per class text)
+    the mean of the L2-normalised embeddings, re-normalised. Its logit rule is the teachers' mean."""
+    first = caches[0]
+    for name, cache in zip(names[1:], caches[1:]):
+        differs = [k for k in ENSEMBLE_KEYS if cache.attrs.get(k) != first.attrs.get(k)]
+        if cache.dim != first.dim:
+            differs.insert(0, f"embedding size ({first.dim} and {cache.dim})")
+        elif not differs and not np.array_equal(cache.view_params, first.view_params):
+            differs = ["view parameters"]
+        if differs:
+            raise UserError(f"teachers {names[0]} and {name} cannot be ensembled: they differ in "
+                            f"{', '.join(differs)}; extract both with the same dataset, --views, --view-seed "
+                            f"and --templates")
+    mixed = TeacherCache.__new__(TeacherCache)
+    mixed.path, mixed.view_params, mixed.n_views, mixed.anchor_names = None, first.view_params, first.n_views, \
+        first.anchor_names
+    mixed.attrs = {**first.attrs, "teacher": "ensemble:" + "+".join(names), "pretrained": None,
+                   "teachers": [{k: c.attrs[k] for k in ("teacher", "pretrained", "checkpoint_sha256")}
+                                for c in caches]}
+    mixed.image_emb = torch.empty_like(first.image_emb)
+    for start in range(0, len(first.image_emb), 4096):  # float32 a chunk at a time, not the whole cache
+        part = slice(start, start + 4096)
+        mixed.image_emb[part] = mean_direction([c.image_emb[part] for c in caches]).to(torch.float16)
+    mixed.classifier, mixed.ensemble, mixed.anchor_emb = (
+        mean_direction([getattr(c, name) for c in caches]) for name in ("classifier", "ensemble", "anchor_emb"))
+    mixed.logit_scale = float(np.mean([c.logit_scale for c in caches]))
+    mixed.logit_bias = float(np.mean([c.logit_bias for c in caches]))
+    return mixed
+
+
+def mean_direction(embeddings: list) -> torch.Tensor:
+    """``normalise(mean_i normalise(e_i))`` over the last dimension."""
+    return F.normalize(torch.stack([F.normalize(e.float(), dim=-1) for e in embeddings]).mean(0), dim=-1)

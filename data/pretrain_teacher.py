@@ -130,8 +130,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=192)
     parser.add_argument("--per-pair", type=int, default=160, help="images per (style, shape)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=SEED, help="weights, images and batches")
+    parser.add_argument("--out", type=Path, default=FOLDER, help="the teacher's folder")
     args = parser.parse_args()
-    print(f"wrote {train(args.steps, args.batch_size, args.per_pair, args.lr)}")
+    print(f"wrote {train(args.steps, args.batch_size, args.per_pair, args.lr, args.seed, args.out)}")
 
 
 if __name__ == "__main__":

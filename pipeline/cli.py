@@ -32,6 +32,10 @@ PIXEL_CACHE = click.option(
     help="Train from the student's view pixels rendered once (raw uint8, or lossless webp: ~0.4x the disk, "
          "~1 ms/view to decode), or 'none': decode and render every step (the reference).")
 SEED = click.option("--seed", default=0, show_default=True, help="Training seed.")
+TEACHERS = click.option(
+    "--teachers", default=None,
+    help="Comma-separated extracted teachers to train and score against (names, e.g. ViT-B-16-openai, or the "
+         "--teacher they were extracted with); several: their ensemble. Default: the run folder's first teacher.")
 PER_DOMAIN = click.option("--per-domain", default=config.REAL["per_domain"], show_default=True,
                           help="Images per source domain in each step.")
 
@@ -120,6 +124,10 @@ def _none(value):
     return None if value in (None, "", "none", "None") else value
 
 
+def _listed(text: str | None) -> list | None:
+    return [item.strip() for item in text.split(",") if item.strip()] if text else None
+
+
 @main.command()
 @RUN
 @click.option("--student", default=config.REAL["student"], show_default=True, help="timm model name.")
@@ -134,12 +142,13 @@ def _none(value):
 @SEED
 @click.option("--eval-every", default=100, show_default=True, help="Steps between source-val checks.")
 @click.option("--batch-size", default=128, type=POSITIVE, show_default=True, help="Images per feature batch.")
+@TEACHERS
 @WORKERS
 @FORCE
 def align(run_dir, student, student_weights, student_size, holdout, steps, per_domain, lr, lam, seed,
-          eval_every, batch_size, workers, force):
+          eval_every, batch_size, teachers, workers, force):
     """Fit the projection from the frozen student's (cached) features to the teacher's space."""
-    with RunFolder(run_dir).writing() as run:
+    with RunFolder(run_dir).using(_listed(teachers)).writing() as run:
         run_alignment(run, student=student, student_weights=student_weights, student_size=student_size,
                       holdout=holdout, steps=steps, per_domain=per_domain, lr=lr, lam=lam, seed=seed,
                       eval_every=eval_every, batch_size=batch_size, workers=workers, force=force)
@@ -173,12 +182,13 @@ TRAINED = [m for m, cls in METHODS.items() if cls.trains]
 @click.option("--teacher-online", is_flag=True,
               help="Run the teacher on every replayed view instead of reading the cache (the reference).")
 @PIXEL_CACHE
+@TEACHERS
 @WORKERS
 @FORCE
 def distill(run_dir, method, holdout, student, student_weights, student_size, steps, per_domain, seed,
-            eval_every, anchors, cutmix, swad, teacher_online, pixel_cache, workers, force, **hparams):
+            eval_every, anchors, cutmix, swad, teacher_online, pixel_cache, teachers, workers, force, **hparams):
     """Train a student on replayed views against the cached teacher embeddings."""
-    with RunFolder(run_dir).writing() as run:
+    with RunFolder(run_dir).using(_listed(teachers)).writing() as run:
         stage.run(Distill(run, method, holdout, student=student, student_weights=student_weights,
                           student_size=student_size, steps=steps, per_domain=per_domain, seed=seed,
                           eval_every=eval_every, workers=workers, hparams=hparams, cutmix=cutmix, swad=swad,
@@ -194,11 +204,12 @@ def distill(run_dir, method, holdout, student, student_weights, student_size, st
 @click.option("--model", default="best", show_default=True,
               help="best (source-validation selection) or swad (the averaged weights).")
 @SEED
+@TEACHERS
 @WORKERS
 @FORCE
-def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
+def evaluate(run_dir, method, holdout, student, model, seed, teachers, workers, force):
     """Per-domain accuracy; appends one JSON object to RUN/results.jsonl."""
-    with RunFolder(run_dir).writing() as run:
+    with RunFolder(run_dir).using(_listed(teachers)).writing() as run:
         result = stage.run(Evaluate(run, method, holdout, student=student, seed=seed, model=model,
                                     workers=workers), force, quiet=True)
     click.echo(json.dumps({k: result[k] for k in ("method", "model", "holdout", "seed", "holdout_acc",
@@ -218,6 +229,10 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
 @click.option("--holdouts", default=None, help="Comma-separated held-out domains (default: all).")
 @click.option("--teacher", default=None, help="open_clip model name, local-dir:PATH, or a teacher service URL.")
 @click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
+@click.option("--teachers", default=None,
+              help="Comma-separated teachers (each as --teacher, an open_clip tag after '@': ViT-B-16@openai): "
+                   "each is extracted, every method trains against their ensemble, and zero-shot and probe "
+                   "are also scored per teacher.")
 @click.option("--student", default=None, help="timm model name.")
 @click.option("--student-weights", default=None, help="imagenet, none or a weights file.")
 @click.option("--student-size", type=POSITIVE, default=None, help="Student input size.")
@@ -236,7 +251,7 @@ def evaluate(run_dir, method, holdout, student, model, seed, workers, force):
                    "there are GPUs.")
 @WORKERS
 @FORCE
-def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, student, student_weights,
+def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, teachers, student, student_weights,
         student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, jobs,
         workers, force):
     """Every held-out domain x method x seed from one extraction, then the table.
@@ -250,7 +265,7 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
         holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset, pixel_cache=pixel_cache,
-        jobs=jobs)
+        jobs=jobs, teachers=teachers)
 
 
 @main.command()

@@ -21,6 +21,8 @@ def describe(run) -> dict:
         report["dataset"] = {"root": str(index.root), "domains": index.domains, "classes": index.classes,
                              "images": len(index), "skipped": len(skipped),
                              "per_domain": {d: int((index.domain == i).sum()) for i, d in enumerate(index.domains)}}
+    report["teachers"] = {name: {k: store.read_attrs(path).get(k) for k in ("teacher", "pretrained", "logit_scale")}
+                          for name, path in run.extracted_teachers().items()}
     extract = manifest.load(run.extract_dir)
     report["teacher_image_forwards"] = extract["summary"].get("teacher_image_forwards") if extract else 0
     queries = run.queries  # a remote teacher's ledger, also while unfinished
@@ -52,7 +54,11 @@ def render(report: dict) -> str:
     if report["cache"]:
         c = report["cache"]
         lines.append(f"teacher:    {c['teacher']} pretrained={c['pretrained']} "
-                     f"checkpoint sha256 {str(c['checkpoint_sha256'])[:16]}")
+                     f"checkpoint sha256 {str(c['checkpoint_sha256'])[:16]}; logits "
+                     f"{c['logit_scale'] if c['logit_scale'] is not None else 100:g} x cos + {c['logit_bias'] or 0:g}")
+        for name, other in list(report["teachers"].items())[1:]:
+            lines.append(f"also:       {name}: {other['teacher']} pretrained={other['pretrained']} "
+                         f"(RUN/extract/teachers/{name}; --teachers {name})")
         lines.append(f"views:      {c['views']} per image, seed {c['view_seed']}; templates "
                      f"'{c['template_set']}' ({len(c['templates'])})")
         lines.append(f"format:     version {c['format_version']}; " + ", ".join(

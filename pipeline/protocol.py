@@ -67,7 +67,12 @@ def resolve_settings(real_data: bool, overrides: dict, methods: str | None, seed
 
 def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
             workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
-            pixel_cache: str = "raw", jobs: int = 1) -> str:
+            pixel_cache: str = "raw", jobs: int = 1, teachers: str | None = None) -> str:
+    if teachers and overrides.get("teacher"):
+        raise UserError("give --teacher or --teachers, not both (the first of --teachers is the run's teacher)")
+    if teachers:  # the first is --teacher; every one is extracted, and trained against as an ensemble
+        overrides = {**overrides, "teachers": parse_list(teachers, "teachers"),
+                     "teacher": parse_list(teachers, "teachers")[0]}
     settings, chosen_methods, seed_list = resolve_settings(data_root is not None, overrides, methods, seeds, preset)
     holdout_list = parse_list(holdouts, "holdouts") if holdouts else None  # refused before any work
     run = RunFolder(run_dir or config.DEMO_RUN)
@@ -81,16 +86,19 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             data_root = run.demo_data
             demo.generate(data_root)
             say(f"run: built-in demo dataset in {data_root}")
-        timed("extract", lambda: stage.run(Extract(
-            run, data_root, teacher=settings["teacher"], pretrained=settings["pretrained"], views=settings["views"],
-            batch_size=64, workers=workers), force))
+        extractions = []
+        for spec in settings.get("teachers", [settings["teacher"]]):  # each placed once the one before is cached
+            extractions.append(Extract(run, data_root, **teacher_and_tag(spec, settings["pretrained"]),
+                                       views=settings["views"], batch_size=64, workers=workers))
+            timed("extract", lambda: stage.run(extractions[-1], force))
+        trained_against = run.using([e.name for e in extractions] if len(extractions) > 1 else None)
         index = run.load_index()
         chosen = holdout_list or index.domains
         for holdout in chosen:
             index.check_holdout(holdout)
         shared = UnitSettings(settings=settings, methods=chosen_methods, first_seed=seed_list[0],
                     n_sources=len(index.domains) - 1, cutmix=cutmix, pixel_cache=pixel_cache, workers=workers,
-                    force=force)
+                    force=force, teachers=trained_against.teachers)
         done = run_units(run, shared, [(holdout, seed) for holdout in chosen for seed in seed_list], jobs)
         results = [r for unit in done for r in unit["results"]]
         sweeps = [s for unit in done for s in unit["sweeps"]]
@@ -98,10 +106,11 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         for unit in done:
             for name, seconds in unit["timings"].items():
                 timings[name] = timings.get(name, 0.0) + seconds
-        labels = [report.row_label({"method": m, "model": model}) for m in chosen_methods
-                  for model in METHODS[m].models()]
+        labels = [report.row_label({"method": m, "model": model, "teachers": teachers.teacher_label})
+                  for teachers, names in unit_passes(run, trained_against, chosen_methods)
+                  for m in names for model in METHODS[m].models()]
         table = report.summarize(results, labels, chosen)  # this run's results only
-        ours = manifest.load(run.extract_dir)["summary"].get("teacher_image_forwards", 0)
+        ours = sum(manifest.load(e.folder)["summary"].get("teacher_image_forwards", 0) for e in extractions)
         footer = (f"\nTeacher image forwards: {ours:,} in this run (one extraction); the official "
                   f"online-teacher code would use {official:,} for the same protocol "
                   f"(steps x batch x stages x held-out domains x seeds).\n")
@@ -146,6 +155,7 @@ class UnitSettings:
     pixel_cache: str
     workers: int
     force: bool
+    teachers: tuple | None = None  # an ensemble's teacher names (``RunFolder.teachers``)
 
 
 def _timed(timings: dict, name: str, fn):
@@ -165,9 +175,27 @@ def _one_device(devices, jobs: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
 
 
+def teacher_and_tag(spec: str, pretrained) -> dict:
+    """``--teachers`` items: a --teacher value, with an open_clip pretrained tag after '@'
+    (``ViT-B-16@openai``); without one, --pretrained applies."""
+    teacher, _, tag = spec.partition("@") if not spec.startswith(("http://", "https://")) else (spec, "", "")
+    return {"teacher": teacher, "pretrained": tag or pretrained}
+
+
+def unit_passes(run, trained_against, methods: list) -> list:
+    """(run folder against some teachers, methods) of a unit: every method against the chosen
+    teachers; with an ensemble, the per-teacher methods (zero-shot, probe) on each teacher too."""
+    passes = [(trained_against, methods)]
+    if trained_against.teachers and len(trained_against.teachers) > 1:
+        passes += [(run.using([name]), [m for m in methods if METHODS[m].per_teacher])
+                   for name in trained_against.teachers]
+    return passes
+
+
 def run_unit(run_root, shared: UnitSettings, holdout: str, seed: int) -> dict:
     """Align (once per held-out domain and seed), then train and evaluate every method."""
-    run, settings, force, workers = RunFolder(run_root), shared.settings, shared.force, shared.workers
+    settings, force, workers = shared.settings, shared.force, shared.workers
+    every, run = RunFolder(run_root), RunFolder(run_root, shared.teachers)
     timings, sweeps, results, official = {}, [], [], 0
     timed = partial(_timed, timings)
 
@@ -182,40 +210,41 @@ def run_unit(run_root, shared: UnitSettings, holdout: str, seed: int) -> dict:
             run, **student, holdout=holdout, steps=settings["align_steps"], per_domain=settings["per_domain"],
             lr=settings["align_lr"], seed=seed, eval_every=settings["eval_every"], workers=workers, force=force))
     trained_key = aligned
-    for name in shared.methods:
-        method = METHODS[name]
-        if not method.seeded and seed != shared.first_seed:
-            continue  # no randomness: one evaluation serves every seed
-        preset_settings = config.method_settings(settings, name)
-        hparams = {**(method.demo if settings["demo"] else {}), **preset_settings.get("hparams", {})}
-        points = preset_settings.get("grid") or [{}]
-        selected = {"variant": None}
-        if method.trains:
-            own = method.run_options(student, aligned)
-            candidates = []
-            for point in points:  # a preset's sweep: every point from the same cache
-                variant = variant_name(point) if len(points) > 1 else None
-                distill = Distill(run, name, holdout, **own, seed=seed, hparams={**hparams, **point},
-                                  anchors=preset_settings.get("anchors", "domains"), variant=variant,
-                                  pixel_cache=shared.pixel_cache, **{**train, **method.schedule(settings, shared.cutmix)})
-                summary = timed("distill", lambda: stage.run(distill, force))
-                candidates.append({"variant": variant, "hparams": point,
-                                   "best_source_val_acc": summary["best_source_val_acc"]})
-                trained_key = distill.key
-            # selected by source validation alone (the first on ties; no test-set tie-break)
-            selected = max(candidates, key=lambda c: c["best_source_val_acc"])
-            if len(points) > 1:
-                sweeps.append({"method": name, "holdout": holdout, "seed": seed,
-                               "selected": selected["hparams"], "candidates": candidates})
-                say(f"run: {name} held-out '{holdout}' seed {seed}: selected {selected['hparams']} "
-                    f"of {len(points)} by source validation ({100 * selected['best_source_val_acc']:.1f}%)")
-        for model in method.models():
-            result = timed("evaluate", lambda: stage.run(Evaluate(
-                run, name, holdout, student=trained_key,
-                seed=seed, model=model, workers=workers, variant=selected["variant"]), force, quiet=True))
-            results.append(result)
-            say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
-                f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
-        official += len(points) * method.official_teacher_forwards(
-            steps=settings["steps"], align_steps=settings["align_steps"], batch=settings["per_domain"] * shared.n_sources)
+    for against, names in unit_passes(every, run, shared.methods):
+        for name in names:
+            method = METHODS[name]
+            if not method.seeded and seed != shared.first_seed:
+                continue  # no randomness: one evaluation serves every seed
+            preset_settings = config.method_settings(settings, name)
+            hparams = {**(method.demo if settings["demo"] else {}), **preset_settings.get("hparams", {})}
+            points = preset_settings.get("grid") or [{}]
+            selected = {"variant": None}
+            if method.trains:
+                own = method.run_options(student, aligned)
+                candidates = []
+                for point in points:  # a preset's sweep: every point from the same cache
+                    variant = variant_name(point) if len(points) > 1 else None
+                    distill = Distill(against, name, holdout, **own, seed=seed, hparams={**hparams, **point},
+                                      anchors=preset_settings.get("anchors", "domains"), variant=variant,
+                                      pixel_cache=shared.pixel_cache, **{**train, **method.schedule(settings, shared.cutmix)})
+                    summary = timed("distill", lambda: stage.run(distill, force))
+                    candidates.append({"variant": variant, "hparams": point,
+                                       "best_source_val_acc": summary["best_source_val_acc"]})
+                    trained_key = distill.key
+                # selected by source validation alone (the first on ties; no test-set tie-break)
+                selected = max(candidates, key=lambda c: c["best_source_val_acc"])
+                if len(points) > 1:
+                    sweeps.append({"method": name, "holdout": holdout, "seed": seed,
+                                   "selected": selected["hparams"], "candidates": candidates})
+                    say(f"run: {name} held-out '{holdout}' seed {seed}: selected {selected['hparams']} "
+                        f"of {len(points)} by source validation ({100 * selected['best_source_val_acc']:.1f}%)")
+            for model in method.models():
+                result = timed("evaluate", lambda: stage.run(Evaluate(
+                    against, name, holdout, student=trained_key,
+                    seed=seed, model=model, workers=workers, variant=selected["variant"]), force, quiet=True))
+                results.append(result)
+                say(f"run: {report.row_label(result):>12} held-out '{holdout}' seed {seed}: "
+                    f"{100 * result['holdout_acc']:.1f}% (source val {100 * result['source_val_acc']:.1f}%)")
+            official += len(points) * method.official_teacher_forwards(
+                steps=settings["steps"], align_steps=settings["align_steps"], batch=settings["per_domain"] * shared.n_sources)
     return {"results": results, "sweeps": sweeps, "official": official, "timings": timings}

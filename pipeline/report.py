@@ -5,7 +5,9 @@ import numpy as np
 
 
 def row_label(result: dict) -> str:
-    return result["method"] + (" +SWAD" if result.get("model") == "swad" else "")
+    """``method [+SWAD] [[teachers]]``: the teachers named only when not the run's first alone."""
+    return (result["method"] + (" +SWAD" if result.get("model") == "swad" else "")
+            + (f" [{result['teachers']}]" if result.get("teachers") else ""))
 
 
 def _mean_se(values: list) -> tuple:

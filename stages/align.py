@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from cache import atomic, store, student_features
-from cache.teacher_cache import TeacherCache
 from cache.progress import progress, say
 from data.pixels import RenderedRows, normalise
 from stages.fit import fit_on_cache
@@ -108,13 +107,13 @@ class Align(Stage):
 
     @property
     def inputs(self) -> dict:  # read when the features stage has finished
-        return {**self.run.teacher_cache_input(), self.run.rel(self.features.path): self.run.output_hash(self.features.path)}
+        return {**self.run.teachers_input(), self.run.rel(self.features.path): self.run.output_hash(self.features.path)}
 
     def describe(self) -> str:
         return f"align for held-out '{self.holdout}' ({self.key})"
 
     def compute(self) -> dict:
-        cache = TeacherCache(self.run.teacher_cache)
+        cache = self.run.load_teacher()
         labels = torch.as_tensor(self.run.load_index().label)
         started = time.time()
         state, log = align(student_features.read(self.features.path), cache.image_emb, cache.classifier, labels,

@@ -23,7 +23,6 @@ from cache import atomic, pixel_cache, space
 from cache.errors import UserError
 from cache.fingerprint import sha256_json
 from cache.progress import Interrupted, StopFlag, progress, say
-from cache.teacher_cache import TeacherCache
 from data.cutmix import cutmix
 from data.images import ReplayImages
 from data.pixels import PixelBatches, normalise
@@ -66,7 +65,7 @@ class Distill(Stage):
         self.index = run.load_index()
         self.sources, self.train_rows, self.val_rows = self.index.sources(holdout)
         self.key, self.student = self.method.resolve(run, holdout, student, student_weights, student_size)
-        self.inputs = run.teacher_cache_input()
+        self.inputs = run.teachers_input()
         self.projection = None
         if self.method.needs_alignment:
             self.projection = run.align_dir(self.key, holdout) / "projection.safetensors"
@@ -90,7 +89,7 @@ class Distill(Stage):
                                    teacher_online=self.teacher_online)
         # loaded (and its checksums verified) before any upstream work: a damaged cache refuses
         # the command before the pixel stage renders anything from it
-        self.cache = TeacherCache(self.run.teacher_cache)
+        self.cache = self.run.load_teacher()
 
     def upstream(self) -> list:
         """The student pixel cache at the student's input size: the exact pixels, rendered once."""

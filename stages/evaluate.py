@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cache import atomic, jsonl, space, store
+from cache import atomic, jsonl, space
 from cache.errors import UserError
 from cache.progress import say
-from cache.teacher_cache import TeacherCache
 from data.domainbed import TRAIN, VAL
 from data.images import ReplayImages
 from stages.methods import ScoreJob, method_named
@@ -35,7 +34,7 @@ class Evaluate(Stage):
         self.run, self.holdout, self.seed, self.model, self.workers = run, holdout, seed, model, workers
         self.index = run.load_index()
         self.index.check_holdout(holdout)
-        self.inputs = run.teacher_cache_input()
+        self.inputs = run.teachers_input()
         self.weights = None
         self.key = self.method.trained_key(run, holdout, student, seed, variant)
         if not self.method.trains:
@@ -58,7 +57,7 @@ class Evaluate(Stage):
         space.require(self.folder, 0, "this evaluation (metrics.json, a results.jsonl row)", margin=SMALL_FILES)
 
     def compute(self) -> dict:
-        cache, index = TeacherCache(self.run.teacher_cache), self.index
+        cache, index = self.run.load_teacher(), self.index
         trained = json.loads((self.weights.parent / "config.json").read_text()) if self.weights else None
         job = ScoreJob(cache=cache, weights=load_file(self.weights) if self.weights else None, trained=trained,
                        score_images=lambda predict, spec: evaluate_student(
@@ -70,10 +69,11 @@ class Evaluate(Stage):
         # trained with as given (defaults omitted)
         weights_loaded = self.method.loaded_weights(trained["student"]) if trained else None
         hparams = trained["hparams"] if trained else None
-        attrs = store.read_attrs(self.run.teacher_cache)
+        attrs = cache.attrs
+        teachers = {"teachers": self.run.teacher_label} if self.run.teacher_label else {}  # not the first teacher
         result = {"method": self.method.name, "model": self.model, "student": self.key,
                   "student_weights": weights_loaded, "hparams": hparams, "teacher": attrs["teacher"],
-                  "pretrained": attrs["pretrained"], "holdout": self.holdout, "seed": self.seed, **metrics,
+                  "pretrained": attrs["pretrained"], **teachers, "holdout": self.holdout, "seed": self.seed, **metrics,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic.write_bytes(self.folder / "metrics.json", json.dumps(result, indent=2, allow_nan=False).encode())
         return result

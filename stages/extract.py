@@ -23,6 +23,7 @@ from data.views import PARAM_NAMES, Augment
 from stages import distributed, remote_teacher
 from stages.prompts import (GENERIC_ANCHORS, RISE_ANCHOR_TEMPLATE, RISE_TEMPLATES, anchor_prompts,
                             class_prompt_name, templates_named)
+from stages.runfolder import teacher_name
 from stages.runtime import device
 from stages.stage import Stage
 from stages.teacher import OpenClipTeacher, checkpoint_fingerprint, rise_ensemble, text_classifier
@@ -44,6 +45,9 @@ class Extract(Stage):
             teacher, pretrained = self.remote.url, None  # recorded without credentials
         if teacher.startswith(("local-dir:", "hf-hub:")):
             pretrained = None  # the folder or repository holds the weights; a release tag would mean nothing
+        # the run folder's first teacher in RUN/extract/, any other beside it (``RunFolder.extraction_of``)
+        self.name = teacher_name({"teacher": self.remote.name if self.remote else teacher, "pretrained": pretrained})
+        run = run.extraction_of(self.name)
         self.run, self.folder, self.data_root = run, run.extract_dir, data_root
         self.teacher_name, self.pretrained, self.template_set = teacher, pretrained, template_set
         self.templates = templates_named(template_set)
@@ -87,6 +91,9 @@ class Extract(Stage):
         self.teacher = self.remote or OpenClipTeacher(self.teacher_name, self.pretrained, device=str(device()))
         if not self.teacher.has_weights:
             say(f"warning: teacher {self.teacher_name} has no weights: using a random initialisation")
+        if self.folder != self.run.root / "extract":
+            say(f"extract: teacher {self.name} is cached beside {next(iter(self.run.extracted_teachers()))}, in "
+                f"{self.folder}; later stages use it (alone or in an ensemble) with --teachers")
         store_path = self.run.teacher_cache
         existing = store_path if store_path.exists() else self.run.shard(rank, world)
         if existing.exists() and not self.force and not store.readable(existing):
@@ -134,7 +141,7 @@ class Extract(Stage):
         index, store_path = self.index, self.run.teacher_cache
         if self.force and distributed.is_main():  # everything but the lock this process holds
             for old in self.folder.iterdir():
-                if old.name != ".lock":
+                if old.name not in (".lock", "teachers"):  # nor the other teachers' caches
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
         distributed.barrier()
         self.folder.mkdir(parents=True, exist_ok=True)

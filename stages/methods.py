@@ -138,6 +138,7 @@ class Method:
     needs_alignment = False  # starts from `pipeline align`'s projection
     swad = False             # SWAD weight averaging by default: saves "swad" beside "best"
     in_default_run = True    # part of `pipeline run` without --methods
+    per_teacher = False      # with an ensemble, `pipeline run` also scores it on each teacher alone
     trains = seeded = True   # has a distill stage; its result depends on the seed
     optimizer_kind = "adam"
     # As the official VL2V trainer (its hparams freeze_bn): BatchNorm layers stay in eval mode while
@@ -485,7 +486,7 @@ class CacheMethod(FixedStudent):
 
     name, fixed_key = "", TEACHER
     needs_alignment = swad = False
-    in_default_run = True
+    in_default_run = per_teacher = True
     trains = True   # fits something on the cache (with the alignment step budget)
     seeded = True
     hparams = {}

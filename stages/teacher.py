@@ -91,6 +91,9 @@ class OpenClipTeacher:
 def teacher_of_cache(attrs: dict, weights: bool = True) -> OpenClipTeacher:
     """The teacher a teacher cache was made with, from its attributes (its architecture only, without
     ``weights``)."""
+    if str(attrs["teacher"]).startswith("ensemble:"):
+        raise UserError(f"this needs one teacher's weights (white-box), not an ensemble ({attrs['teacher']}); "
+                        f"pick one teacher with --teachers NAME")
     if str(attrs["teacher"]).startswith("remote:"):
         raise UserError(f"this cache was extracted from a remote teacher service ({attrs['teacher']}); this "
                         f"needs the teacher's weights (white-box); a remote teacher has none: extract with a "
