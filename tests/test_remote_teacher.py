@@ -167,13 +167,16 @@ def test_unreadable_images_are_skipped_without_a_query(server, dataset, tmp_path
     assert q["image"] == ok * 3 and q["sent"] == need  # no query for the unreadable image's views
 
 
-def test_a_cache_from_another_model_is_refused(server, extracted, dataset, tmp_path):
+def test_a_served_teacher_is_cached_beside_a_local_one(server, extracted, dataset, tmp_path):
     import shutil
     run = tmp_path / "other"
     shutil.copytree(extracted, run)  # a local extraction of the same architecture, another "service"
+    local = (run / "extract" / "teacher.h5").read_bytes()
     result = invoke("extract", "--data", dataset, "--run", run, "--teacher", server.url, "--views", 3,
                     "--workers", 0, "--batch-size", 16)
-    assert result.exit_code == 2 and "different teacher" in result.output, result.output
+    assert result.exit_code == 0 and "cached beside tiny" in result.output, result.output
+    assert (run / "extract" / "teachers" / "remote-teacher" / "teacher.h5").exists()
+    assert (run / "extract" / "teacher.h5").read_bytes() == local
 
 
 def test_bad_input_gets_4xx_and_the_server_lives(server):

@@ -174,12 +174,11 @@ def test_mismatched_settings_are_refused(change, differs, run_copy, teacher_dir,
 
 
 def test_changed_checkpoint_is_refused(run_copy, dataset, tmp_path):
-    teacher = write_tiny_teacher(tmp_path / "t", seed=1)  # same weights as the cached teacher's ...
+    teacher = write_tiny_teacher(tmp_path / "moved" / "tiny", seed=3)  # the cached teacher's name, other weights
     result = invoke("extract", "--data", dataset, "--run", run_copy, "--teacher", f"local-dir:{teacher}",
                     "--views", 3, "--workers", 0)
-    assert result.exit_code == 2 and "different teacher" in result.output  # ... but another folder
-    shutil.rmtree(teacher)
-    write_tiny_teacher(teacher, seed=3)
+    assert result.exit_code == 2 and "checkpoint_sha256" in result.output and "--force" in result.output
+    assert not (run_copy / "extract" / "teachers").exists()
 
 
 def test_changed_dataset_says_what_changed(run_copy, teacher_dir, dataset, tmp_path):
