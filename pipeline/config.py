@@ -11,6 +11,9 @@ from stages.extract import VIEWS
 from stages.methods import ALIGN_DEMO, ALIGN_HPARAMS, RISE
 
 DEMO_TEACHER = "local-dir:" + str(Path(data.__file__).parent / "demo_teacher")
+# The demo's second teacher: the same recipe from another seed (`python -m data.pretrain_teacher
+# --seed 4321 --out data/demo_teacher_2`). `--teachers` knows both by their folder names.
+DEMO_TEACHERS = {name: "local-dir:" + str(Path(data.__file__).parent / name) for name in ("demo_teacher", "demo_teacher_2")}
 # The shipped pre-trained demo student (`python -m data.pretrain_student`): photos only.
 DEMO_STUDENT = str(Path(data.__file__).parent / "demo_student" / "test_resnet_photo_shapes.safetensors")
 

@@ -179,7 +179,7 @@ def teacher_and_tag(spec: str, pretrained) -> dict:
     """``--teachers`` items: a --teacher value, with an open_clip pretrained tag after '@'
     (``ViT-B-16@openai``); without one, --pretrained applies."""
     teacher, _, tag = spec.partition("@") if not spec.startswith(("http://", "https://")) else (spec, "", "")
-    return {"teacher": teacher, "pretrained": tag or pretrained}
+    return {"teacher": config.DEMO_TEACHERS.get(teacher, teacher), "pretrained": tag or pretrained}
 
 
 def unit_passes(run, trained_against, methods: list) -> list:

@@ -91,7 +91,7 @@ class Extract(Stage):
         self.teacher = self.remote or OpenClipTeacher(self.teacher_name, self.pretrained, device=str(device()))
         if not self.teacher.has_weights:
             say(f"warning: teacher {self.teacher_name} has no weights: using a random initialisation")
-        if self.folder != self.run.root / "extract":
+        if not self.run.holds_first_teacher:
             say(f"extract: teacher {self.name} is cached beside {next(iter(self.run.extracted_teachers()))}, in "
                 f"{self.folder}; later stages use it (alone or in an ensemble) with --teachers")
         store_path = self.run.teacher_cache

@@ -63,10 +63,18 @@ class RunFolder:
     def extraction_of(self, name: str) -> "RunFolder":
         """The run folder as an extraction of teacher ``name`` sees it: ``RUN/extract/`` for the first
         teacher (or when nothing is extracted yet), ``RUN/extract/teachers/<name>/`` for any other."""
-        extracted = self.extracted_teachers()
+        try:
+            extracted = self.extracted_teachers()
+        except UserError:  # the first teacher's cache is unreadable: its extraction rebuilds it
+            return RunFolder(self.root)
         if not extracted or next(iter(extracted)) == name:
             return RunFolder(self.root)
         return RunFolder(self.root, extract_dir=self.root / "extract" / "teachers" / name)
+
+    @property
+    def holds_first_teacher(self) -> bool:
+        """Whether this extraction is the run folder's first teacher's (``RUN/extract/``)."""
+        return self._extract == self.root / "extract"
 
     def using(self, teachers: list | None) -> "RunFolder":
         """This run folder with later stages against ``teachers`` (names or the specs they were
