@@ -9,7 +9,7 @@ are ``view_params[i, k]``. The pixels are exactly ``InputSpec.resize(render(imag
 the uint8 array that ``InputSpec.__call__`` normalises, so ``normalise(cache) == spec(replay)``
 bit for bit.
 
-Two forms (attribute ``form``):
+Three forms (attribute ``form``):
 
 - ``raw`` (default): ``pixels`` [images, views, S, S, 3] uint8, contiguous and allocated at
   creation, so a view is one run of S*S*3 bytes at a fixed offset and the writer never touches
@@ -21,12 +21,13 @@ Two forms (attribute ``form``):
   0.4 x raw on natural images; decoding costs about 1 ms of CPU per view at 224 px, so it is for
   datasets whose raw cache does not fit on disk. It is written in blocks to
   ``pixels.h5.parts/`` (each block a file renamed into place when complete) and joined into
-  ``pixels.h5`` at the end. A lossy form (JPEG, lossy WebP) is deliberately not offered: the
-  teacher embedded the exactly rendered view, so a student trained on lossy pixels would no
-  longer see the view whose target is cached.
+  ``pixels.h5`` at the end.
+- ``jpeg`` (opt-in, lossy): the same layout with each view a JPEG at quality 90, 4:4:4 (no
+  chroma subsampling): about a tenth of raw, and the student sees a re-encoded view rather than
+  the exact one whose teacher embedding is cached (a deviation, stated in the README).
 
-Both: ``view_crc32`` [images, views] uint32, the CRC32 of each stored view (its raw bytes, or its
-WebP), checked on every read; ``status`` [images] uint8 (0 pending, 1 done, 2 failed), set only
+All: ``view_crc32`` [images, views] uint32, the CRC32 of each stored view (its raw bytes, or its
+encoding), checked on every read; ``status`` [images] uint8 (0 pending, 1 done, 2 failed), set only
 after the block's pixels are on disk, and attributes: ``format`` ("pixels"), ``pixels_version``, ``form``, ``size``,
 ``interpolation``, ``views``, ``images``, ``source`` (dataset fingerprint and the sha256 of the
 view parameters the pixels were rendered from), ``block``, and for information the Pillow and
@@ -58,7 +59,9 @@ FORMAT = "pixels"
 VERSION = 2  # 2: a CRC32 per view
 DEFAULT_FORM = "raw"
 PENDING, DONE, FAILED = store.PENDING, store.DONE, store.FAILED
-WEBP_OPTIONS = {"lossless": True, "method": 2, "quality": 50}  # measured: 0.38-0.44 x raw, ~11 ms/view encode
+# Each encoded form's Pillow format and options.
+ENCODINGS = {"webp": ("WEBP", {"lossless": True, "method": 2, "quality": 50}),  # 0.38-0.44 x raw, ~11 ms/view
+             "jpeg": ("JPEG", {"quality": 90, "subsampling": 0})}                # lossy: opt-in
 
 # Attributes that must match for an existing cache to be reused; any difference is a rebuild.
 CRC = "view_crc32"  # [images, views] uint32: CRC32 of each stored view, checked on every read
@@ -114,18 +117,20 @@ def check(path, wanted: dict) -> None:
 
 # ------------------------------------------------------------------------------ writing
 
-def encode_webp(view: np.ndarray) -> bytes:
+def encode(view: np.ndarray, form: str) -> bytes:
+    """One view [S, S, 3] uint8 in an encoded form (``ENCODINGS``)."""
     buffer = io.BytesIO()
-    Image.fromarray(view, "RGB").save(buffer, "WEBP", **WEBP_OPTIONS)
+    image_format, options = ENCODINGS[form]
+    Image.fromarray(view, "RGB").save(buffer, image_format, **options)
     return buffer.getvalue()
 
 
-def decode_webp(data, out: np.ndarray) -> None:
+def decode(data, out: np.ndarray) -> None:
     with Image.open(io.BytesIO(data)) as image:
         out[...] = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
 
 
-NO_ROOM = "free space or use --pixel-cache webp|none"
+NO_ROOM = "free space or use --pixel-cache webp|jpeg|none"
 
 
 def _attrs(wanted: dict, block: int) -> dict:
@@ -187,9 +192,9 @@ def mark_damaged(path) -> int:
     return len(damaged)
 
 
-class WebpWriter:
-    """The webp form: each block a file in ``pixels.h5.parts/`` (renamed into place when complete),
-    joined into ``pixels.h5`` once every block is there."""
+class EncodedWriter:
+    """The encoded forms (webp, jpeg): each block a file in ``pixels.h5.parts/`` (renamed into place
+    when complete), joined into ``pixels.h5`` once every block is there."""
 
     def __init__(self, path: Path, n: int, n_views: int, size: int, attrs: dict, blocks: list):
         self.path, self.n, self.n_views, self.attrs, self.blocks = path, n, n_views, attrs, blocks
@@ -227,8 +232,9 @@ class WebpWriter:
             _join_parts(self.path, self.parts, self.blocks, self.n, self.n_views, self.attrs)
 
 
-WRITERS = {"raw": RawWriter, "webp": WebpWriter}
+WRITERS = {"raw": RawWriter, "webp": EncodedWriter, "jpeg": EncodedWriter}
 FORMS = tuple(WRITERS)
+EXACT_FORMS = ("raw", "webp")  # their pixels are the rendered views, bit for bit
 
 
 def writer(path, spec, n: int, n_views: int, source: dict, form: str, block: int, force: bool):
@@ -380,7 +386,7 @@ class PixelReader:
         start, stop = np.frombuffer(os.pread(fd, 16, self._offsets["offsets"] + item * 8), np.int64)
         data = os.pread(fd, int(stop - start), self._offsets["data"] + int(start))
         try:
-            decode_webp(data, out)
+            decode(data, out)
         except (OSError, ValueError):  # damaged beyond decoding: the CRC check names it
             pass
         return data

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cache import pixel_cache, store
-from cache.pixel_cache import DEFAULT_FORM, PENDING, encode_webp
+from cache.pixel_cache import DEFAULT_FORM, PENDING, encode
 from data import views as views_mod
 from data.images import BadImage, load_image
 
@@ -104,7 +104,7 @@ class _RenderRows(torch.utils.data.Dataset):
                 error = str(e)
         if self.form == "raw":
             return row, pixels if pixels is not None else np.zeros((n_views, size, size, 3), np.uint8), error
-        return row, [encode_webp(v) for v in pixels] if pixels is not None else [b""] * n_views, error
+        return row, [encode(v, self.form) for v in pixels] if pixels is not None else [b""] * n_views, error
 
 
 def _collate(items):

@@ -29,8 +29,8 @@ WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_de
 FORCE = click.option("--force", is_flag=True, help="Recompute even if the stage is up to date.")
 PIXEL_CACHE = click.option(
     "--pixel-cache", type=click.Choice(PIXEL_FORMS), default="raw", show_default=True,
-    help="Train from the student's view pixels rendered once (raw uint8, or lossless webp: ~0.4x the disk, "
-         "~1 ms/view to decode), or 'none': decode and render every step (the reference).")
+    help="Train from the student's view pixels rendered once (raw uint8; lossless webp: ~0.5x the disk, "
+         "exact; jpeg: quality 90, ~0.2x the disk, lossy), or 'none': decode and render every step (the reference).")
 SEED = click.option("--seed", default=0, show_default=True, help="Training seed.")
 TEACHERS = click.option(
     "--teachers", default=None,

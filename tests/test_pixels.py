@@ -68,7 +68,7 @@ def wanted(source, form="raw", fingerprint="fp"):
 
 # ------------------------------------------------------------------------------ exactness
 
-@pytest.mark.parametrize("form", pixel_cache.FORMS)
+@pytest.mark.parametrize("form", pixel_cache.EXACT_FORMS)
 def test_cached_pixels_equal_replay_after_normalisation(source, tmp_path, form):
     root, paths, params = source
     path = tmp_path / "pixels.h5"
@@ -278,6 +278,29 @@ def test_compressed_form_is_lossless_and_smaller(source, tmp_path):
     assert pixel_cache.describe(raw)["bytes"] >= n * N_VIEWS * 40 * 40 * 3
     assert pixel_cache.describe(webp)["bytes"] < pixel_cache.describe(raw)["bytes"]
     assert pixel_cache.describe(webp)["form"] == "webp"
+
+
+def test_the_lossy_form_is_close_smaller_and_checked(source, tmp_path):
+    raw, jpeg = tmp_path / "raw.h5", tmp_path / "jpeg.h5"
+    build(raw, source)
+    build(jpeg, source, form="jpeg")
+    n = len(source[1])
+    rows, views = np.repeat(np.arange(n), N_VIEWS), np.tile(np.arange(N_VIEWS), n)
+    exact = pixel_cache.PixelReader(raw).read(rows, views).astype(np.float64)
+    lossy = pixel_cache.PixelReader(jpeg).read(rows, views).astype(np.float64)
+    assert not np.array_equal(exact, lossy)  # re-encoded ...
+    assert 10 * np.log10(255 ** 2 / ((exact - lossy) ** 2).mean()) > 28  # ... but close (PSNR in dB)
+    assert pixel_cache.describe(jpeg)["bytes"] < pixel_cache.describe(raw)["bytes"] / 2
+    with h5py.File(jpeg, "r") as f:  # damage in one stored JPEG is found on read
+        offset = f["data"].id.get_offset() + int(f["offsets"][N_VIEWS + 1]) + 20
+    with open(jpeg, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(pixel_cache.DamagedPixels) as found:
+        pixel_cache.PixelReader(jpeg).read(rows, views)
+    assert found.value.rows == [1]
 
 
 def test_thread_batches_equal_dataloader_batches_and_stop_early(source, tmp_path):
