@@ -38,6 +38,7 @@ class ImageIndex:
     val_fraction: float = 0.2
     split_seed: int = 0
     status: list = field(default=None)  # filled by extraction: "ok" or the reason it was skipped
+    listing: str | None = None  # ``listing_fingerprint`` of the tree when it was scanned
 
     def __len__(self):
         return len(self.paths)
@@ -96,7 +97,7 @@ class ImageIndex:
             columns["status"] = list(self.status)
         metadata = {"root": str(self.root), "domains": self.domains, "classes": self.classes,
                     "val_fraction": self.val_fraction, "split_seed": self.split_seed,
-                    "fingerprint": self.fingerprint}
+                    "fingerprint": self.fingerprint, "listing": self.listing}
         return columns, metadata
 
     @classmethod
@@ -126,6 +127,7 @@ class ImageIndex:
             size=ints("size"), mtime_ns=ints("mtime_ns"),
             val_fraction=metadata["val_fraction"], split_seed=metadata["split_seed"],
             status=table.column("status").to_pylist() if "status" in table.column_names else None,
+            listing=metadata.get("listing"),
         )
 
 
@@ -136,6 +138,7 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
         raise UserError(f"dataset folder not found: {root}")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    listing = listing_fingerprint(root)  # before the files are listed: a change while scanning shows next time
     entries = []  # (domain, class, relative path, stat), each domain in ImageFolder order
     seen = {root.resolve()}  # folders already listed: a symlink back into one (a loop) is not followed
 
@@ -186,8 +189,29 @@ def scan(root, val_fraction: float = 0.2, split_seed: int = 0) -> ImageIndex:
         size=np.array([e[3].st_size for e in entries], dtype=np.int64),
         mtime_ns=np.array([e[3].st_mtime_ns for e in entries], dtype=np.int64),
         val_fraction=val_fraction, split_seed=split_seed,
+        # images in folders below the class folders: only a full scan sees what changed there
+        listing=None if any(p.count("/") > 2 for p in paths) else listing,
     )
     return index
+
+
+def listing_fingerprint(root) -> str | None:
+    """What changes when an image is added, removed or renamed in a DomainBed tree, at one stat per
+    folder instead of one per image: the (mtime, inode) of the root and of every domain and class
+    folder (a folder's mtime changes when an entry in it is added, removed or renamed). An image
+    rewritten in place under its name does not change it; ``--rescan`` finds that. None when the
+    tree cannot be listed."""
+    root, stats = Path(root), []
+    try:
+        folders = [root]
+        for domain in sorted(p for p in root.iterdir() if p.is_dir()):
+            folders += [domain, *sorted(c for c in domain.iterdir() if c.is_dir())]
+        for folder in folders:
+            info = folder.stat()
+            stats.append((folder.relative_to(root).as_posix(), info.st_mtime_ns, info.st_ino))
+    except OSError:
+        return None
+    return sha256_json(stats)
 
 
 def seed_hash(*args) -> int:

@@ -27,6 +27,9 @@ POSITIVE = click.IntRange(min=1)
 WORKERS = click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=0),
                        help="DataLoader worker processes that decode and augment images.")
 FORCE = click.option("--force", is_flag=True, help="Recompute even if the stage is up to date.")
+RESCAN = click.option("--rescan", is_flag=True,
+                      help="List and stat every image even when no domain or class folder changed (finds images "
+                           "rewritten in place).")
 PIXEL_CACHE = click.option(
     "--pixel-cache", type=click.Choice(PIXEL_FORMS), default="raw", show_default=True,
     help="Train from the student's view pixels rendered once (raw uint8; lossless webp: ~0.5x the disk, "
@@ -106,9 +109,10 @@ def main():
 @click.option("--split-seed", default=0, show_default=True, help="DomainBed trial seed of the train/val split.")
 @click.option("--batch-size", default=64, type=POSITIVE, show_default=True, help="Images per teacher batch.")
 @WORKERS
+@RESCAN
 @FORCE
 def extract(data_root, run_dir, teacher, pretrained, max_queries, teacher_concurrency, views, view_seed,
-            template_set, val_fraction, split_seed, batch_size, workers, force):
+            template_set, val_fraction, split_seed, batch_size, workers, rescan, force):
     """Cache the teacher's embeddings of K views of every image and of every class prompt."""
     given = click.get_current_context().get_parameter_source("pretrained") == click.core.ParameterSource.COMMANDLINE
     if teacher.startswith("local-dir:") and given and _none(pretrained):
@@ -117,7 +121,7 @@ def extract(data_root, run_dir, teacher, pretrained, max_queries, teacher_concur
         stage.run(Extract(run, data_root, teacher=teacher, pretrained=_none(pretrained), views=views,
                           view_seed=view_seed, template_set=template_set, val_fraction=val_fraction,
                           split_seed=split_seed, batch_size=batch_size, workers=workers,
-                          max_queries=max_queries, teacher_concurrency=teacher_concurrency), force)
+                          max_queries=max_queries, teacher_concurrency=teacher_concurrency, rescan=rescan), force)
 
 
 def _none(value):
@@ -246,13 +250,14 @@ def evaluate(run_dir, method, holdout, student, model, seed, teachers, workers, 
               help="The official per-dataset numbers (steps, validation interval, per-method settings and "
                    "hyperparameter sweeps); explicit options still override them.")
 @PIXEL_CACHE
+@RESCAN
 @click.option("--jobs", default=1, show_default=True, type=POSITIVE,
               help="Processes that train (held-out domain, seed) pairs side by side; one GPU each when "
                    "there are GPUs.")
 @WORKERS
 @FORCE
 def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, teachers, student, student_weights,
-        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, jobs,
+        student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, rescan, jobs,
         workers, force):
     """Every held-out domain x method x seed from one extraction, then the table.
 
@@ -265,7 +270,7 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, teach
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
         holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset, pixel_cache=pixel_cache,
-        jobs=jobs, teachers=teachers)
+        jobs=jobs, teachers=teachers, rescan=rescan)
 
 
 @main.command()

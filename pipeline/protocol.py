@@ -67,7 +67,7 @@ def resolve_settings(real_data: bool, overrides: dict, methods: str | None, seed
 
 def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
             workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
-            pixel_cache: str = "raw", jobs: int = 1, teachers: str | None = None) -> str:
+            pixel_cache: str = "raw", jobs: int = 1, teachers: str | None = None, rescan: bool = False) -> str:
     if teachers and overrides.get("teacher"):
         raise UserError("give --teacher or --teachers, not both (the first of --teachers is the run's teacher)")
     if teachers:  # the first is --teacher; every one is extracted, and trained against as an ensemble
@@ -89,7 +89,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         extractions = []
         for spec in settings.get("teachers", [settings["teacher"]]):  # each placed once the one before is cached
             extractions.append(Extract(run, data_root, **teacher_and_tag(spec, settings["pretrained"]),
-                                       views=settings["views"], batch_size=64, workers=workers))
+                                       views=settings["views"], batch_size=64, workers=workers, rescan=rescan))
             timed("extract", lambda: stage.run(extractions[-1], force))
         trained_against = run.using([e.name for e in extractions] if len(extractions) > 1 else None)
         index = run.load_index()

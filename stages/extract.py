@@ -35,7 +35,7 @@ class Extract(Stage):
     def __init__(self, run, data_root, *, teacher: str, pretrained, views: int = VIEWS, view_seed: int = 0,
                  template_set: str = "photo", val_fraction: float = 0.2, split_seed: int = 0,
                  batch_size: int = 64, workers: int = 0, max_queries: int | None = None,
-                 teacher_concurrency: int = 4):
+                 teacher_concurrency: int = 4, rescan: bool = False):
         if views < 1:
             raise UserError(f"--views must be at least 1, got {views}")
         # A teacher service: its metadata (read now, no query) gives the weights' fingerprint.
@@ -52,7 +52,7 @@ class Extract(Stage):
         self.teacher_name, self.pretrained, self.template_set = teacher, pretrained, template_set
         self.templates = templates_named(template_set)
         self.n_views, self.view_seed, self.batch_size, self.workers = views, view_seed, batch_size, workers
-        self.index = domainbed.scan(data_root, val_fraction, split_seed)
+        self.index = self._dataset(data_root, val_fraction, split_seed, rescan)
         self.augment = Augment()
         self.config = {"teacher": teacher, "pretrained": pretrained, "views": views, "view_seed": view_seed,
                        "templates": template_set, "val_fraction": val_fraction, "split_seed": split_seed,
@@ -62,6 +62,22 @@ class Extract(Stage):
                        checkpoint_fingerprint(teacher, pretrained)}
         self.outputs = ["teacher.h5", "index.parquet"]
         self.force, self.teacher = False, None
+
+    def _dataset(self, data_root, val_fraction: float, split_seed: int, rescan: bool):
+        """The dataset's index. A full scan stats every image; the cached index serves instead when
+        nothing says the tree changed: its domain and class folders' (mtime, inode) are as recorded
+        (``domainbed.listing_fingerprint``) and the root and split are the same. ``rescan``: always scan."""
+        if not rescan and self.run.index_path.exists():
+            try:
+                cached = self.run.load_index()
+            except UserError:  # an unreadable index: the scan rebuilds it
+                cached = None
+            if cached is not None and cached.listing is not None and \
+                    (cached.root, cached.val_fraction, cached.split_seed) == \
+                    (Path(data_root).resolve(), val_fraction, split_seed) and \
+                    cached.listing == domainbed.listing_fingerprint(data_root):
+                return cached
+        return domainbed.scan(data_root, val_fraction, split_seed)
 
     def describe(self) -> str:
         return f"extract ({len(self.index)} images, {self.n_views} views, teacher {self.teacher_name})"

@@ -133,3 +133,57 @@ def test_a_domain_missing_from_the_metadata_is_refused(run):
     write_table(run.index_path, columns, metadata)
     with pytest.raises(UserError, match="not trusted"):
         run.load_index()
+
+
+# ---------------------------------------------------------------- fresh checks without a rescan
+
+@pytest.fixture
+def flat_data(dataset, tmp_path):
+    """A private copy of the generated dataset (DomainBed-flat: domain/class/image)."""
+    target = tmp_path / "data"
+    shutil.copytree(dataset, target, copy_function=shutil.copy2)
+    return target
+
+
+def _extract(run, data, teacher_dir, *extra):
+    from conftest import invoke
+    return invoke("extract", "--data", data, "--run", run, "--teacher", f"local-dir:{teacher_dir}",
+                  "--views", 2, "--workers", 0, "--batch-size", 16, *extra)
+
+
+def test_a_fresh_extract_reads_the_index_instead_of_scanning(flat_data, teacher_dir, tmp_path, monkeypatch):
+    from data import domainbed
+    run = tmp_path / "run"
+    assert _extract(run, flat_data, teacher_dir).exit_code == 0
+    assert RunFolder(run).load_index().listing == domainbed.listing_fingerprint(flat_data)
+
+    scans = []
+    real = domainbed.scan
+    monkeypatch.setattr(domainbed, "scan", lambda *a, **k: scans.append(a) or real(*a, **k))
+    again = _extract(run, flat_data, teacher_dir)
+    assert again.exit_code == 0 and "up to date" in again.output and scans == []
+    assert _extract(run, flat_data, teacher_dir, "--rescan").exit_code == 0 and len(scans) == 1
+
+    image = next(flat_data.glob("photo/circle/*.png"))
+    shutil.copy(image, image.with_name("added.png"))  # a new image changes its class folder
+    added = _extract(run, flat_data, teacher_dir)
+    assert added.exit_code == 2 and "1 images added" in added.output and len(scans) == 2
+
+
+def test_an_image_rewritten_in_place_is_found_by_rescan(flat_data, teacher_dir, tmp_path):
+    run = tmp_path / "run"
+    assert _extract(run, flat_data, teacher_dir).exit_code == 0
+    image = next(flat_data.glob("sketch/star/*.png"))
+    folder = image.parent.stat()
+    image.write_bytes(image.read_bytes())  # same name, new mtime: the folder's entries are unchanged
+    assert image.parent.stat().st_mtime_ns == folder.st_mtime_ns
+    assert "up to date" in _extract(run, flat_data, teacher_dir).output  # the documented blind spot
+    rescanned = _extract(run, flat_data, teacher_dir, "--rescan")
+    assert rescanned.exit_code == 2 and "1 modified" in rescanned.output
+
+
+def test_a_tree_with_images_below_the_class_folders_is_always_scanned(tmp_path):
+    make_tree(tmp_path / "tree")  # it has one nested folder
+    assert scan(tmp_path / "tree").listing is None
+    shutil.rmtree(tmp_path / "tree" / "domain0" / "class_001" / "sub")
+    assert scan(tmp_path / "tree").listing is not None
