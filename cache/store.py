@@ -6,8 +6,8 @@ blocks (``posix_fallocate``) and renames it into place. After that, rows are wri
 ``Rows`` with positional writes at the datasets' fixed offsets, never through HDF5: the file's
 metadata is never touched again, so a full disk or a killed writer can cost only the block being
 written (an ``OSError`` naming the file, not a crash inside the HDF5 library), and the ``status``
-rows say what is complete. Readers load whole datasets with one contiguous read; per-row fancy
-indexing in HDF5 is about 100x slower than indexing the array in memory.
+rows say what is complete. Readers load whole datasets with one contiguous read, or map them
+(``mapped``); per-row fancy indexing in HDF5 is about 100x slower than indexing an array.
 """
 import errno
 import hashlib
@@ -263,6 +263,18 @@ def read(path, name: str) -> np.ndarray:
     """Load one whole dataset into memory with a single contiguous read."""
     with reading(path) as f:
         return f[name][()]
+
+
+def mapped(path, name: str) -> np.ndarray:
+    """One dataset mapped from the file instead of loaded: pages are read when touched and can be
+    dropped again, so memory does not grow with the file. Copy-on-write: writes to the array never
+    reach the file. Loaded whole when it is not one contiguous run (a virtual dataset over shards)."""
+    with reading(path) as f:
+        ds = f[name]
+        offset, shape, dtype = ds.id.get_offset(), ds.shape, ds.dtype
+        if offset is None or ds.chunks is not None or 0 in shape:
+            return ds[()]
+    return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="c", offset=offset, shape=shape)
 
 
 def shapes(path) -> dict:

@@ -199,13 +199,14 @@ class TextTargets:
 
 
 class TeacherCache:
-    """The whole store in memory (training reads every array; HDF5 row reads are slow)."""
+    """The store, its image embeddings mapped from the file (read when touched, never copied whole:
+    memory does not grow with the dataset) and the rest in memory; every block checked on load."""
 
     def __init__(self, path):
         self.path = Path(path)
         with store.reading(self.path) as f:  # one open for the attributes, the rows and the texts
             self.attrs = store.attributes(f)
-            image_emb, self.view_params = f["image_emb"][()], f["view_params"][()]
+            image_emb, self.view_params = store.mapped(self.path, "image_emb"), f["view_params"][()]
             damaged = damaged_blocks(f, image_emb, self.view_params)
             bad_texts = damaged_texts(f)
             self.classifier, self.ensemble, self.anchor_emb = (

@@ -17,10 +17,10 @@ from data.pixels import RenderedRows, normalise
 from stages.fit import fit_on_cache
 from stages.losses import clip_logits, vl2v_loss
 from stages.methods import ALIGN_HPARAMS
-from stages.runtime import device, loader
+from stages.runtime import batched, device
 from stages import stage
 from stages.stage import Stage, require_positive, require_rates, save_outputs
-from stages.student import create_backbone, resolved_weights, student_key
+from stages.student import create_backbone, feature_dim, resolved_weights, student_key
 
 
 class StudentFeatures(Stage):
@@ -35,7 +35,6 @@ class StudentFeatures(Stage):
                        "resolved_weights": resolved_weights(student, student_weights)}
         self.inputs = run.teacher_cache_input()
         self.outputs = [student_features.FILE, "student.json"]
-        self.repairing = []  # damaged blocks of features.h5, found by why_stale
 
     @property
     def path(self):
@@ -45,49 +44,49 @@ class StudentFeatures(Stage):
         return f"student features ({self.key})"
 
     def why_stale(self) -> str | None:
-        """Also stale when features.h5 is damaged; then only its damaged blocks are recomputed."""
-        why, self.repairing = super().why_stale(), []
-        if why is None:
-            self.repairing = student_features.damaged_rows(self.path)
-            return f"{student_features.FILE} is damaged" if self.repairing else None
+        """Also stale while features.h5 has blocks to compute: unfinished, or marked by a reader that
+        found them damaged (checked from the checksum table alone: the rows are checked where read)."""
+        why = super().why_stale()
+        if why is None and student_features.pending(self.path):
+            return f"{student_features.FILE} has blocks to compute"
         return why
 
     @torch.inference_mode()
     def compute(self) -> dict:
+        """Block by block into features.h5: one block of rows in memory, resumable after a kill."""
         index = self.run.load_index()
         c = self.config
         backbone, spec = create_backbone(c["student"], c["student_weights"], c["student_size"])
         view_params = store.read(self.run.teacher_cache, "view_params")
-        n_views = view_params.shape[1]
-        rows = np.asarray(index.rows())
-        features = None
-        if self.repairing and not self.force:
-            features = store.read(self.path, "features")
-            for block in self.repairing:
-                features[block.start:block.stop] = 0
-            rows = rows[np.isin(rows, np.concatenate([np.arange(b.start, b.stop) for b in self.repairing]))]
-            say(f"align: {len(self.repairing)} damaged blocks of {self.path}: recomputing {len(rows)} images")
-        else:
-            say(f"align: caching frozen {c['student']} features of {len(rows)} images x {n_views} views")
-        dataset = RenderedRows(index.root, index.paths, view_params, spec)  # one decode per image
+        n_views, dim = view_params.shape[1], feature_dim(backbone)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        blocks = student_features.prepare(self.path, len(index), n_views, dim, {**c, "input_spec": spec.to_dict()},
+                                          force=self.force)
+        ok = np.zeros(len(index), bool)
+        ok[index.rows()] = True
+        work = [np.arange(b.start, b.stop)[ok[b.start:b.stop]] for b in blocks]
+        n_images = int(sum(map(len, work)))
+        say(f"align: caching frozen {c['student']} features of {n_images} images x {n_views} views"
+            + (f" ({len(blocks)} blocks of {self.path.name} to compute)" if n_images < ok.sum() else ""))
+        per_batch = max(1, self.batch_size // n_views)  # --batch-size counts views: whole images of K views
+        batches = [rows[i:i + per_batch].tolist() for rows in work for i in range(0, len(rows), per_batch)]
+        results = iter(batched(RenderedRows(index.root, index.paths, view_params, spec), batches, self.workers))
         backbone = backbone.eval().to(device())
         started = time.time()
-        with progress(total=len(rows) * n_views, desc="student features", unit="view") as bar:
-            # --batch-size counts views: whole images of K views each
-            for batch_rows, views in loader(dataset, rows, max(1, self.batch_size // n_views), self.workers):
-                pixels = normalise(views.flatten(0, 1), spec, device())
-                out = backbone(pixels).float().cpu().numpy().reshape(len(batch_rows), n_views, -1)
-                if features is None:
-                    features = np.zeros((len(index), n_views, out.shape[-1]), np.float16)
-                features[batch_rows.numpy()] = out
-                bar.update(out.shape[0] * n_views)
-        if self.repairing and not self.force:
-            student_features.repair(self.path, features, self.repairing)
-        else:
-            student_features.write(self.path, features, {**c, "input_spec": spec.to_dict()})
+        with store.Rows(self.path) as out, progress(total=n_images * n_views, desc="student features", unit="view") as bar:
+            for block, rows in zip(blocks, work):
+                features, done = np.zeros((len(block), n_views, dim), np.float16), 0
+                while done < len(rows):
+                    batch_rows, views = next(results)
+                    pixels = normalise(views.flatten(0, 1), spec, device())
+                    features[batch_rows.numpy() - block.start] = \
+                        backbone(pixels).float().cpu().numpy().reshape(len(batch_rows), n_views, dim)
+                    done += len(batch_rows)
+                    bar.update(len(batch_rows) * n_views)
+                student_features.write_block(out, block, features)
         atomic.write_bytes(self.folder / "student.json", json.dumps(
-            {**c, "input_spec": spec.to_dict(), "dim": int(features.shape[-1])}, indent=2).encode())
-        return {"views": len(rows) * n_views, "seconds": round(time.time() - started, 2), "dim": int(features.shape[-1])}
+            {**c, "input_spec": spec.to_dict(), "dim": dim}, indent=2).encode())
+        return {"views": n_images * n_views, "seconds": round(time.time() - started, 2), "dim": dim}
 
 
 class Align(Stage):
@@ -134,7 +133,12 @@ def run_alignment(run, *, student: str, student_weights: str, student_size, hold
                                batch_size=batch_size, workers=workers)
     alignment = Align(run, features, holdout, **settings)  # checks the settings before any work
     stage.run(features, force, quiet=True)
-    stage.run(alignment, force)
+    try:
+        stage.run(alignment, force)
+    except student_features.DamagedFeatures as e:  # its damaged blocks are marked: recompute just them
+        say(f"align: {e}; recomputing them")
+        stage.run(features, False, quiet=True)
+        stage.run(alignment, force)
     return features.key
 
 

@@ -11,6 +11,10 @@ def device() -> torch.device:
 
 def loader(dataset, items, batch_size: int, workers: int):
     """Batches of ``(items, pixels...)`` for the given flat items, in order."""
-    batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    return batched(dataset, [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)], workers)
+
+
+def batched(dataset, batches: list, workers: int):
+    """``(items, pixels...)`` for each list of items in ``batches``, in order."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                        pin_memory=torch.cuda.is_available())

@@ -339,14 +339,54 @@ def test_store_fingerprint_covers_attributes_and_checksums_not_the_arrays(tmp_pa
 
     path = tmp_path / "features.h5"
     features = np.random.default_rng(0).standard_normal((3000, 2, 8)).astype(np.float16)
-    student_features.write(path, features, {"student": "x"})
+    blocks = student_features.prepare(path, 3000, 2, 8, {"student": "x"})
+    with store.Rows(path) as rows:
+        for block in blocks:
+            student_features.write_block(rows, block, features[block.start:block.stop])
     first = manifest.content_hash(path)
     assert first.startswith("store-") and first != manifest.sha256_file(path)
     os.utime(path, ns=(0, 0))
     assert manifest.content_hash(path) == first
     # a rewritten block with its checksum: a different store
-    student_features.repair(path, features * 2, store.blocks(len(features), student_features.BLOCK)[:1])
+    with store.Rows(path) as rows:
+        student_features.write_block(rows, blocks[0], features[:student_features.BLOCK] * 2)
     assert manifest.content_hash(path) not in (None, first)
     plain = tmp_path / "weights.bin"
     plain.write_bytes(b"abc")
     assert manifest.content_hash(plain) == manifest.sha256_file(plain)
+
+
+def test_student_features_are_written_block_by_block_resumed_and_read_mapped(tmp_path):
+    from cache import student_features
+    path = tmp_path / "features.h5"
+    features = np.random.default_rng(1).standard_normal((2500, 2, 4)).astype(np.float16)
+    blocks = student_features.prepare(path, 2500, 2, 4, {"student": "x"})
+    assert [len(b) for b in blocks] == [1024, 1024, 452]
+    with store.Rows(path) as rows:  # a build killed after its first block
+        student_features.write_block(rows, blocks[0], features[:1024])
+    assert student_features.prepare(path, 2500, 2, 4, {"student": "x"}) == blocks[1:]  # resumed
+    assert student_features.prepare(path, 2500, 2, 4, {"student": "y"}) == blocks  # another student: anew
+    with store.Rows(path) as rows:
+        for block in blocks:
+            student_features.write_block(rows, block, features[block.start:block.stop])
+    read = student_features.read(path)
+    assert _mapping_of(read.data_ptr()) == str(path)  # the file mapped, not loaded into memory
+    assert np.array_equal(read.numpy(), features)
+    with h5py.File(path, "r") as h:
+        offset = h["features"].id.get_offset() + 1500 * 2 * 4 * 2
+    with open(path, "r+b") as f:  # damage in the second block: found, marked pending, refused
+        f.seek(offset)
+        f.write(b"\x7f\x7f")
+    with pytest.raises(student_features.DamagedFeatures, match="1 blocks"):
+        student_features.read(path)
+    assert student_features.pending(path) == [blocks[1]]
+
+
+def _mapping_of(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (``/proc/self/maps``), if any."""
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        start, stop = (int(x, 16) for x in parts[0].split("-"))
+        if start <= address < stop:
+            return parts[5] if len(parts) > 5 else None
+    return None

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cache import store
+from cache import store, student_features
 from conftest import ALIGN, DISTILL, invoke
 from test_robustness import cache_contents, reference  # noqa: F401  (the undisturbed extraction)
 
@@ -66,12 +66,14 @@ def test_failed_flush_surfaces(tmp_path, teacher_dir, dataset, reference, monkey
 
 def test_full_disk_writing_student_features_then_same_command_completes(run_copy, tmp_path, monkeypatch):
     args = ("align", "--run", run_copy, "--holdout", "photo", *ALIGN)
-    with monkeypatch.context() as patch:
-        _fail_on(patch, h5py.Dataset, "__setitem__", 1, enospc)
+    with monkeypatch.context() as patch:  # the block's checksum meets a full disk: the block stays pending
+        _fail_on(patch, store.Rows, "write", 2, enospc)
         result = invoke(*args)
     assert result.exit_code == 2 and "No space left" in result.output
-    assert invoke(*args).exit_code == 0
     features = next((run_copy / "features").glob("*/features.h5"))
+    assert student_features.pending(features) == [range(0, 80)]
+    assert invoke(*args).exit_code == 0
+    assert student_features.pending(features) == []
     with h5py.File(features) as f:
         assert np.isfinite(f["features"][()].astype(np.float32)).all() and f["features"][()].any()
 
@@ -126,10 +128,11 @@ def test_damaged_features_blocks_are_recomputed_alone(run_copy):
     features = next((run_copy / "features").glob("*/features.h5"))
     before = features.read_bytes()
     _damage(features, "features", offset=100)
-    result = invoke(*args)
-    assert result.exit_code == 0 and "1 damaged blocks" in result.output, result.output
+    assert "up to date" in invoke(*args).output  # not read: rows are checked where they are read
+    result = invoke(*args, "--lr", "1e-3")  # reads them: the damaged block is found and recomputed
+    assert result.exit_code == 0 and "1 blocks of rows do not match" in result.output, result.output
     assert features.read_bytes() == before
-    assert "up to date" in invoke(*args).output
+    assert "up to date" in invoke(*args, "--lr", "1e-3").output
 
 
 def _damage_every_row(path, dataset="pixels"):
