@@ -240,6 +240,8 @@ class TrainingState:
             self.method.scheduler.load_state_dict(saved["scheduler"])
         self.rng.bit_generator.state = saved["cutmix_rng"]
         torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():  # dropout, drop-path on a GPU
+            torch.cuda.set_rng_state(saved["cuda_rng"])
         self.best, self.log, self.step = tuple(saved["best"]), saved["log"], saved["step"]
         if self.swad is not None:
             self.swad.load_state_dict(saved["swad"])
@@ -252,6 +254,7 @@ class TrainingState:
                  "optimizer": self.method.optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                  "cutmix_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                  "best": list(self.best), "log": self.log,
                  "swad": self.swad.state_dict() if self.swad is not None else None}
         buffer = io.BytesIO()  # serialised in memory: torch.save into a full disk fails with no errno

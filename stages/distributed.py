@@ -1,7 +1,7 @@
 """Many processes with torch.distributed, as launched by ``torchrun``: nothing home-made.
 
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything runs in one process.
-Backend: nccl on GPUs, gloo on CPUs.
+Backend: nccl for CUDA tensors and gloo for CPU ones (a loss mean is reduced on the CPU).
 """
 import os
 
@@ -17,7 +17,7 @@ def world() -> tuple[int, int]:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -29,11 +29,3 @@ def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-
-def all_agree(ok: bool) -> bool:
-    """True only if every rank says ok: so one rank's error stops all of them together."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
