@@ -214,7 +214,7 @@ def _training_steps(run, index, cache, model, teacher_pixels, *, student, studen
                                      pixel_spec=None if online else spec)
         return log[-1]["train_seconds_per_step"]
 
-    train(False, n_steps=3)  # the first steps pay for kernel selection and the reader's start
+    train(False, n_steps=min(steps, 3))  # the first steps pay for kernel selection and the reader's start
     with _Peak() as cached_peak:
         t_cached = train(False)
     with _Peak() as online_peak:
@@ -334,8 +334,8 @@ def device_bench(*, teacher: str, pretrained, student: str, student_weights: str
         flops = _flops_per_view(model, teacher_pixels[:1])
         results.update(extract_views_per_s=round(extract_vps, 1), extract_images_per_s=round(extract_vps / views, 1),
                        teacher_views_per_s=round(teacher_vps, 1), extract_efficiency=round(extract_vps / teacher_vps, 3),
-                       teacher_gflop_per_view=round(flops / 1e9, 3),
-                       teacher_tflop_per_s=round(flops * teacher_vps / 1e12, 4),
+                       teacher_gflop_per_view=float(f"{flops / 1e9:.4g}"),
+                       teacher_tflop_per_s=float(f"{flops * teacher_vps / 1e12:.4g}"),
                        extract_peak_mb=peak.mb, teacher_peak_mb=teacher_peak.mb)
         results.update(_training_steps(run, index, cache, model, teacher_pixels, student=student,
                                        student_weights=student_weights, student_size=student_size,
