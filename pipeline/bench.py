@@ -341,7 +341,7 @@ def device_bench(*, teacher: str, pretrained, student: str, student_weights: str
                                        student_weights=student_weights, student_size=student_size,
                                        per_domain=per_domain, steps=steps, workers=workers))
         served = _serve_views_per_s(index, cache, teacher, pretrained, where.type, concurrency,
-                                    n_views=min(len(index) * views, 64 * batch_size))
+                                    n_views=min(len(index) * views, 16 * batch_size))
         for c, views_per_s in served["views_per_s"].items():
             results[f"serve_views_per_s_c{c}"] = views_per_s
             results[f"serve_vs_local_c{c}"] = round(views_per_s / extract_vps, 3)
@@ -373,8 +373,8 @@ def _flops_per_view(model, one_view: torch.Tensor) -> float:
 
 def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurrency, n_views: int) -> dict:
     """`pipeline serve-teacher` on loopback: views per second through the Open Inference Protocol at
-    each concurrency (views rendered beforehand; PNG encoding, HTTP and the server's decoding and
-    forward timed), and the server's peak memory."""
+    each concurrency (views rendered beforehand; the client's PNG encoding, HTTP and the server's
+    decoding and forward timed, as `extract --teacher URL` spends them), and the server's peak memory."""
     import httpx
     from stages.remote_teacher import RemoteTeacher
 
@@ -403,10 +403,11 @@ def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurren
                 if time.time() > deadline:
                     raise RuntimeError("serve-teacher did not become ready within 300 s")
                 time.sleep(0.2)
-            rates = {}
+            rates, pixels = {}, None
             for c in concurrency:
                 remote = RemoteTeacher(url, concurrency=c)
-                pixels = _replayed(index, cache, remote.input_spec, n_views)
+                if pixels is None:  # rendered here at the served teacher's size, as `extract --teacher URL`
+                    pixels = _replayed(index, cache, remote.input_spec, n_views)
                 remote.encode_images(pixels[:remote.request_size * c])  # warm-up: connections, kernels
                 started = time.perf_counter()
                 remote.encode_images(pixels)
