@@ -230,21 +230,27 @@ def _training_steps(run, index, cache, model, teacher_pixels, *, student, studen
 
 
 class _Peak:
-    """Peak memory (MB) of what runs inside: the GPU's allocations where CUDA is in use, else this
-    process's resident set (its high-water mark, reset on entry)."""
+    """Peak memory (MB) of what runs inside: the GPU's allocations on CUDA, else this process's
+    resident set (its high-water mark, reset on entry); None where neither can be read."""
 
     def __enter__(self):
-        _synchronize()
-        if torch.cuda.is_initialized():
+        self.cuda = run_device().type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current size
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current size
+            except OSError:
+                self.mb = None
         return self
 
     def __exit__(self, *exc):
-        _synchronize()
-        self.mb = round(torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized()
-                        else _high_water_kb("self") / 1024, 1)
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        elif not hasattr(self, "mb"):
+            self.mb = round(_high_water_kb("self") / 1024, 1)
 
 
 def _high_water_kb(pid) -> int:
@@ -340,8 +346,12 @@ def device_bench(*, teacher: str, pretrained, student: str, student_weights: str
         results.update(_training_steps(run, index, cache, model, teacher_pixels, student=student,
                                        student_weights=student_weights, student_size=student_size,
                                        per_domain=per_domain, steps=steps, workers=workers))
-        served = _serve_views_per_s(index, cache, teacher, pretrained, where.type, concurrency,
-                                    n_views=min(len(index) * views, 16 * batch_size))
+        try:
+            served = _serve_views_per_s(index, cache, teacher, pretrained, where.type, concurrency,
+                                        n_views=min(len(index) * views, 16 * batch_size))
+        except RuntimeError as e:  # the figures above are kept
+            results["serve_error"] = str(e)
+            return results
         for c, views_per_s in served["views_per_s"].items():
             results[f"serve_views_per_s_c{c}"] = views_per_s
             results[f"serve_vs_local_c{c}"] = round(views_per_s / extract_vps, 3)
@@ -390,7 +400,7 @@ def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurren
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                   cwd=Path(__file__).resolve().parents[1])
         try:
-            deadline = time.time() + 300
+            deadline = time.time() + 120
             while True:
                 if server.poll() is not None:
                     log.seek(0)
@@ -401,7 +411,7 @@ def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurren
                 except httpx.HTTPError:
                     pass
                 if time.time() > deadline:
-                    raise RuntimeError("serve-teacher did not become ready within 300 s")
+                    raise RuntimeError("serve-teacher did not become ready within 120 s")
                 time.sleep(0.2)
             rates, pixels = {}, None
             for c in concurrency:
@@ -426,11 +436,15 @@ def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurren
 
 class _DeviceMemory:
     """The GPU's memory in use (NVML, every process), sampled every 20 ms from now on: the peak
-    above the level at the start is what a server started after it holds."""
+    above the level at the start is what a server started after it holds (None without NVML)."""
 
     def __init__(self):
-        self.start = self.peak = torch.cuda.device_memory_used()
         self.stop = threading.Event()
+        try:
+            self.start = self.peak = torch.cuda.device_memory_used()  # NVML's binding, nvidia-ml-py
+        except (ImportError, RuntimeError):
+            self.start = None
+            return
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
@@ -438,7 +452,9 @@ class _DeviceMemory:
         while not self.stop.wait(0.02):
             self.peak = max(self.peak, torch.cuda.device_memory_used())
 
-    def peak_mb(self) -> float:
+    def peak_mb(self) -> float | None:
+        if self.start is None:
+            return None
         self.stop.set()
         self.thread.join()
         return round((self.peak - self.start) / 2**20, 1)

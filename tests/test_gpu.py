@@ -1,5 +1,5 @@
 """What only a GPU exercises (tests marked ``gpu``, skipped without CUDA): fp16 extraction, bf16 +
-channels-last training resumed after kill -9, torchrun on nccl and the pixel reader feeding a fast
+channels-last training resumed after kill -9, a one-process torchrun and the pixel reader feeding a fast
 step; and, everywhere, the device bench at tiny sizes on the CPU."""
 import json
 import math
@@ -125,7 +125,9 @@ def test_bf16_distill_resumes_after_kill_minus_9_to_the_same_weights(extracted, 
 
 
 @gpu
-def test_one_process_torchrun_distill_on_nccl_matches_a_plain_run(extracted, tmp_path):
+def test_one_process_torchrun_distill_matches_a_plain_run(extracted, tmp_path):
+    # One GPU holds one nccl rank, and at world size 1 the training loop needs no process group:
+    # DistributedDataParallel and SyncBatchNorm (converted only at world size > 1) need two GPUs.
     args = ("--method", "kd", "--holdout", "photo", *STUDENT, "--steps", 12, "--per-domain", 4,
             "--eval-every", 4, "--workers", 0)
     plain, launched = tmp_path / "plain", tmp_path / "torchrun"
@@ -194,3 +196,12 @@ def test_device_bench_at_tiny_sizes_on_the_cpu(tmp_path, teacher_dir):
     bad = {k: v for k, v in results.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)}
     assert not bad
     assert results["extract_images_per_s"] == pytest.approx(results["extract_views_per_s"] / 2, rel=0.01)
+
+
+def test_device_bench_refuses_bad_input_in_one_line():
+    from conftest import invoke
+    result = invoke("bench", "--device", "cpu", "--concurrency", "4,x")
+    assert result.exit_code == 2 and "--concurrency is a list of positive integers" in result.output
+    if not torch.cuda.is_available():
+        result = invoke("bench", "--device", "cuda")
+        assert result.exit_code == 2 and "no CUDA device is visible" in result.output
