@@ -16,7 +16,6 @@ own step, the online-teacher step, the served teacher at two concurrencies, and 
 of each.
 """
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -231,7 +230,7 @@ def _training_steps(run, index, cache, model, teacher_pixels, *, student, studen
 
 class _Peak:
     """Peak memory (MB) of what runs inside: the GPU's allocations on CUDA, else this process's
-    resident set (its high-water mark, reset on entry); None where neither can be read."""
+    resident set (sampled)."""
 
     def __enter__(self):
         self.cuda = run_device().type == "cuda"
@@ -239,23 +238,42 @@ class _Peak:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current size
-            except OSError:
-                self.mb = None
+            self.sampler = _Sampler(_resident_bytes)
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
             self.mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        elif not hasattr(self, "mb"):
-            self.mb = round(_high_water_kb("self") / 1024, 1)
+        else:
+            self.mb = self.sampler.peak_mb()
 
 
-def _high_water_kb(pid) -> int:
-    """A process's peak resident set (VmHWM), in kB."""
-    return int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+class _Sampler:
+    """The peak of ``read()`` (bytes), sampled every 20 ms from now until ``peak_mb``, above ``baseline``."""
+
+    def __init__(self, read, baseline: int = 0):
+        self.read, self.baseline, self.peak = read, baseline, read()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while not self.stop.wait(0.02):
+            try:
+                self.peak = max(self.peak, self.read())
+            except OSError:  # the process measured has ended
+                return
+
+    def peak_mb(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return round((self.peak - self.baseline) / 2**20, 1)
+
+
+def _resident_bytes(pid="self") -> int:
+    """A process's resident set now (Linux)."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _cpu_ms(fn, n: int) -> float:
@@ -321,9 +339,10 @@ def device_bench(*, teacher: str, pretrained, student: str, student_weights: str
                             "device": torch.cuda.get_device_name() if where.type == "cuda" else "cpu",
                             "teacher_autocast": "float16" if where.type == "cuda" else "off (float32)",
                             "student_autocast": "bfloat16, channels-last" if where.type == "cuda" else "off (float32)",
-                            "memory": "torch.cuda.max_memory_allocated; serving: device memory used (NVML) "
-                                      "above the level before the server started" if where.type == "cuda"
-                                      else "peak resident set (VmHWM) of the process"}}
+                            "memory": "torch.cuda.max_memory_allocated; serving: the GPU's memory in use (NVML, "
+                                      "sampled every 20 ms) above its level before the server started"
+                                      if where.type == "cuda" else
+                                      "resident set of the process (the server's when serving), sampled every 20 ms"}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = _photo_dataset(tmp / "photos", images, workers)
@@ -339,7 +358,8 @@ def device_bench(*, teacher: str, pretrained, student: str, student_weights: str
         teacher_vps = len(teacher_pixels) / t_teacher_batch
         flops = _flops_per_view(model, teacher_pixels[:1])
         results.update(extract_views_per_s=round(extract_vps, 1), extract_images_per_s=round(extract_vps / views, 1),
-                       teacher_views_per_s=round(teacher_vps, 1), extract_efficiency=round(extract_vps / teacher_vps, 3),
+                       teacher_views_per_s=round(teacher_vps, 1),
+                       extract_efficiency=round(extract_vps / teacher_vps, 3),
                        teacher_gflop_per_view=float(f"{flops / 1e9:.4g}"),
                        teacher_tflop_per_s=float(f"{flops * teacher_vps / 1e12:.4g}"),
                        extract_peak_mb=peak.mb, teacher_peak_mb=teacher_peak.mb)
@@ -349,7 +369,7 @@ def device_bench(*, teacher: str, pretrained, student: str, student_weights: str
         try:
             served = _serve_views_per_s(index, cache, teacher, pretrained, where.type, concurrency,
                                         n_views=min(len(index) * views, 16 * batch_size))
-        except RuntimeError as e:  # the figures above are kept
+        except (RuntimeError, ImportError) as e:  # no server, or no NVML: the figures above are kept
             results["serve_error"] = str(e)
             return results
         for c, views_per_s in served["views_per_s"].items():
@@ -395,10 +415,12 @@ def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurren
     command = [sys.executable, "-m", "pipeline", "serve-teacher", "--teacher", teacher, "--port", str(port),
                "--device", device, *(["--pretrained", str(pretrained)] if pretrained else [])]
     env = {k: v for k, v in os.environ.items() if k != "PIPELINE_TEACHER_TOKEN"}  # no token on loopback
-    used = _DeviceMemory() if device == "cuda" else None
+    gpu_used = torch.cuda.device_memory_used if device == "cuda" else None  # NVML (nvidia-ml-py): every process
+    baseline = gpu_used() if gpu_used else 0
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                   cwd=Path(__file__).resolve().parents[1])
+        used = _Sampler(gpu_used or (lambda: _resident_bytes(server.pid)), baseline)
         try:
             deadline = time.time() + 120
             while True:
@@ -423,7 +445,7 @@ def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurren
                 remote.encode_images(pixels)
                 rates[c] = round(n_views / (time.perf_counter() - started), 1)
                 remote.close()
-            peak = used.peak_mb() if used else round(_high_water_kb(server.pid) / 1024, 1)
+            peak = used.peak_mb()
         finally:
             server.terminate()
             try:
@@ -432,32 +454,6 @@ def _serve_views_per_s(index, cache, teacher, pretrained, device: str, concurren
                 server.kill()
                 server.wait()
     return {"views_per_s": rates, "peak_mb": peak}
-
-
-class _DeviceMemory:
-    """The GPU's memory in use (NVML, every process), sampled every 20 ms from now on: the peak
-    above the level at the start is what a server started after it holds (None without NVML)."""
-
-    def __init__(self):
-        self.stop = threading.Event()
-        try:
-            self.start = self.peak = torch.cuda.device_memory_used()  # NVML's binding, nvidia-ml-py
-        except (ImportError, RuntimeError):
-            self.start = None
-            return
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self):
-        while not self.stop.wait(0.02):
-            self.peak = max(self.peak, torch.cuda.device_memory_used())
-
-    def peak_mb(self) -> float | None:
-        if self.start is None:
-            return None
-        self.stop.set()
-        self.thread.join()
-        return round((self.peak - self.start) / 2**20, 1)
 
 
 def render(results: dict) -> str:

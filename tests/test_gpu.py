@@ -115,7 +115,8 @@ def test_bf16_distill_resumes_after_kill_minus_9_to_the_same_weights(extracted, 
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     finished(pipeline("distill", "--run", killed, *args, prelude=deterministic))
-    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in log_of(run)[:-1]] for run in (whole, killed)]
+    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in log_of(run)[:-1]]
+               for run in (whole, killed)]
     assert len(untimed[0]) == 300 // 25 and all(math.isfinite(row["loss"]) for row in untimed[1])
     assert untimed[1] == untimed[0]
     a, b = (load_file(run.joinpath(*OUT, "best.safetensors")) for run in (whole, killed))
