@@ -274,27 +274,47 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, teach
 
 
 @main.command()
-@click.option("--teacher", default=config.DEMO_TEACHER, help="open_clip model (default: the demo teacher).")
-@click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
-@click.option("--student", default="test_resnet", show_default=True, help="timm model name.")
-@click.option("--student-weights", default="none", show_default=True, help="imagenet, none or a file.")
-@click.option("--student-size", default=64, type=POSITIVE, show_default=True, help="Student input size.")
-@click.option("--images", default=400, type=POSITIVE, show_default=True, help="Images in the benchmark dataset.")
-@click.option("--views", default=4, type=POSITIVE, show_default=True, help="Views per image.")
-@click.option("--batch-size", default=32, type=POSITIVE, show_default=True, help="Teacher batch size.")
-@click.option("--per-domain", default=16, type=POSITIVE, show_default=True, help="Images per source domain per step.")
-@click.option("--steps", default=40, type=POSITIVE, show_default=True, help="Training steps timed.")
-@WORKERS
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Measure the papers' workload on this device, in absolute numbers (views/s, TFLOP/s, step "
+                   "times, serving, peak memory); its defaults are the second ones below.")
+@click.option("--teacher", default=None, help="open_clip model. Default: the demo teacher; --device: ViT-B-16.")
+@click.option("--pretrained", default=None, help="open_clip tag or checkpoint file (default: random weights).")
+@click.option("--student", default=None, help="timm model name. Default: test_resnet; --device: resnet50.")
+@click.option("--student-weights", default=None, help="imagenet, none or a file. Default: none.")
+@click.option("--student-size", type=POSITIVE, default=None, help="Student input size. Default: 64; --device: 224.")
+@click.option("--images", type=POSITIVE, default=None,
+              help="Images in the benchmark dataset. Default: 400 demo images; --device: 4000 500x375 JPEGs.")
+@click.option("--views", type=POSITIVE, default=None, help="Views per image. Default: 4; --device: 8.")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Teacher batch (images). Default: 32; --device: 64.")
+@click.option("--per-domain", type=POSITIVE, default=None,
+              help="Images per source domain per step (3 source domains). Default: 16; --device: 32.")
+@click.option("--steps", type=POSITIVE, default=None, help="Training steps timed. Default: 40; --device: 50.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Worker processes that decode and render. Default: up to 4; --device: every core.")
+@click.option("--concurrency", default="4,16", show_default=True,
+              help="With --device: requests in flight to the served teacher, one measurement each.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
-def bench(teacher, pretrained, student, student_weights, student_size, images, views, batch_size, per_domain,
-          steps, workers, json_path):
+def bench(device, concurrency, json_path, **given):
     """Measure extraction efficiency, cached vs online step cost, align speed-up, teacher forwards
-    and extraction memory, all in one run on this machine."""
-    from pipeline.bench import bench as run_bench, render
-    results = run_bench(teacher=teacher, pretrained=_none(pretrained), student=student,
-                        student_weights=student_weights, student_size=student_size, images=images, views=views,
-                        batch_size=batch_size, per_domain=per_domain, steps=steps, workers=workers)
-    click.echo(render(results))
+    and extraction memory, all in one run on this machine; with --device, the papers' models on
+    that device."""
+    from pipeline import bench as benchmark
+    given = {k: v for k, v in given.items() if v is not None}
+    given["pretrained"] = _none(given.get("pretrained"))
+    if device is None:
+        results = benchmark.bench(**{**benchmark.PRESET, **given})
+        text = benchmark.render(results)
+    else:
+        try:
+            levels = tuple(int(c) for c in concurrency.split(","))
+        except ValueError:
+            levels = ()
+        if not levels or min(levels) < 1:
+            raise UserError(f"--concurrency is a list of positive integers such as 4,16, got '{concurrency}'")
+        benchmark.use_device(device)
+        results = benchmark.device_bench(**{**benchmark.DEVICE_PRESET, **given, "concurrency": levels})
+        text = benchmark.render_device(results)
+    click.echo(text)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
 
