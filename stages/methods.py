@@ -50,6 +50,7 @@ HPARAM_HELP = {
     "w_kd": "Weight of the KD term.",
     "w_ce": "Weight of the cross-entropy term.",
     "w_dist": "Weight of the absolute + relative distance terms.",
+    "w_fd": "Weight of the feature-distillation (MSE) term.",
 }
 
 
@@ -475,6 +476,36 @@ class RISE(Method):
         return self.hp["w_kd"] * kd + self.hp["w_ce"] * ce + self.hp["w_dist"] * dist
 
 
+class TeacherSpace(Method):
+    """A student as CLIP-KD's and TinyCLIP's: the backbone and a new projection into the teacher's
+    space (``Linear(d, D)``), trained together; it classifies with the class text classifier."""
+
+    in_default_run = False
+
+    @staticmethod
+    def build(backbone, dim, text):
+        return TextHeadStudent(backbone, nn.Linear(dim, text.classifier.shape[1]), text.classifier)
+
+    def logits(self, z):
+        return losses.clip_logits(z, self.model.classifier)
+
+    def task_loss(self, z, b):
+        """The CLIP task loss with class texts for captions: cross-entropy over the class texts."""
+        return losses.cross_entropy(self.logits(z), b.labels, b.labels_b, b.mix)
+
+
+class FD(TeacherSpace):
+    """CLIP-KD feature distillation: the task loss plus ``w_fd`` x the MSE between the normalised
+    projected feature and the teacher's embedding of the view."""
+
+    name = "fd"
+    hparams = {**Method.hparams, "w_fd": 2000.0}
+
+    def loss(self, z, b):
+        target = losses.mixed_target(b.image_emb, b.image_emb_b, b.mix)
+        return self.task_loss(z, b) + self.hp["w_fd"] * losses.feature_distillation(z, target)
+
+
 class CacheMethod(FixedStudent):
     """A method of the cached teacher embeddings alone: no student, no images, no teacher."""
 
@@ -560,7 +591,7 @@ class Probe(CacheMethod):
         return lambda emb: F.normalize(emb.float(), dim=-1) @ weights["weight"].T + weights["bias"]
 
 
-METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD)}
+METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD, FD)}
 DEFAULT_METHOD = ADiP.name
 BENCH_METHOD = KD.name  # the one `pipeline bench` times: it reads the teacher targets every step
 
