@@ -95,3 +95,11 @@ def feature_distillation(z: torch.Tensor, image_emb: torch.Tensor) -> torch.Tens
     """CLIP-KD FD: ``mean((normalise(z) - normalise(v))^2)`` over every element of [B, D] (the
     official ``F.mse_loss`` of the normalised projected student feature and the teacher embedding)."""
     return F.mse_loss(F.normalize(z.float(), dim=-1), F.normalize(image_emb.float(), dim=-1))
+
+
+def interactive_contrastive(z: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """CLIP-KD ICL with the teacher's image embeddings as the contrastive set: InfoNCE
+    ``-mean_i log softmax_j(scale * cos(z_i, v_j))[i]``, each student feature's positive being the
+    teacher's embedding of its own view and the rest of the batch its negatives."""
+    logits = scale * F.normalize(z.float(), dim=-1) @ F.normalize(image_emb.float(), dim=-1).T
+    return F.cross_entropy(logits, torch.arange(len(z), device=z.device))

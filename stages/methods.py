@@ -15,6 +15,7 @@ methods (zero-shot, probe) work on the cached teacher embeddings alone.
 To add a method: subclass ``Method`` (``build`` the student, define ``logits`` and ``loss``) and
 add it to ``METHODS``. No other file names a method.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ HPARAM_HELP = {
     "w_ce": "Weight of the cross-entropy term.",
     "w_dist": "Weight of the absolute + relative distance terms.",
     "w_fd": "Weight of the feature-distillation (MSE) term.",
+    "w_icl": "Weight of the interactive contrastive (InfoNCE) term.",
 }
 
 
@@ -506,6 +508,39 @@ class FD(TeacherSpace):
         return self.task_loss(z, b) + self.hp["w_fd"] * losses.feature_distillation(z, target)
 
 
+class ContrastiveStudent(TextHeadStudent):
+    """``TextHeadStudent`` with ICL's learnable contrastive scale, as the official code initialised
+    at ln(1 / 0.07) and used as the multiplier itself (not exponentiated)."""
+
+    def __init__(self, backbone: nn.Module, projection: nn.Module, classifier: torch.Tensor):
+        super().__init__(backbone, projection, classifier)
+        self.contrast_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+class ICL(TeacherSpace):
+    """CLIP-KD interactive contrastive learning: the task loss plus ``w_icl`` x InfoNCE of each
+    projected feature against the teacher's embeddings of the batch's views."""
+
+    name = "icl"
+    hparams = {**Method.hparams, "w_icl": 1.0}
+
+    @classmethod
+    def check_settings(cls, *, per_domain, n_sources, world, teacher_online):
+        super().check_settings(per_domain=per_domain, n_sources=n_sources, world=world, teacher_online=teacher_online)
+        if world > 1:  # each process would only see its slice of the contrastive set
+            raise UserError(f"{cls.name} contrasts every image with the whole batch, which torchrun splits "
+                            f"over processes: run it in one process")
+
+    @staticmethod
+    def build(backbone, dim, text):
+        return ContrastiveStudent(backbone, nn.Linear(dim, text.classifier.shape[1]), text.classifier)
+
+    def loss(self, z, b):
+        target = losses.mixed_target(b.image_emb, b.image_emb_b, b.mix)
+        icl = losses.interactive_contrastive(z, target, self.model.contrast_scale)
+        return self.task_loss(z, b) + self.hp["w_icl"] * icl
+
+
 class CacheMethod(FixedStudent):
     """A method of the cached teacher embeddings alone: no student, no images, no teacher."""
 
@@ -591,7 +626,7 @@ class Probe(CacheMethod):
         return lambda emb: F.normalize(emb.float(), dim=-1) @ weights["weight"].T + weights["bias"]
 
 
-METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD, FD)}
+METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD, FD, ICL)}
 DEFAULT_METHOD = ADiP.name
 BENCH_METHOD = KD.name  # the one `pipeline bench` times: it reads the teacher targets every step
 
