@@ -103,3 +103,10 @@ def interactive_contrastive(z: torch.Tensor, image_emb: torch.Tensor, scale: tor
     teacher's embedding of its own view and the rest of the batch its negatives."""
     logits = scale * F.normalize(z.float(), dim=-1) @ F.normalize(image_emb.float(), dim=-1).T
     return F.cross_entropy(logits, torch.arange(len(z), device=z.device))
+
+
+def affinity_mimicking(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """TinyCLIP affinity mimicking from [B, C] image-to-text logits (``scale * cos``, texts as
+    columns): ``0.5 * KL`` of each image's distribution over the texts (rows) plus ``0.5 * KL`` of
+    each text's distribution over the batch's images (columns), teacher to student, temperature 1."""
+    return 0.5 * kd_loss(student_logits, teacher_logits, 1.0) + 0.5 * kd_loss(student_logits.T, teacher_logits.T, 1.0)

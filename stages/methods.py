@@ -483,6 +483,14 @@ class TeacherSpace(Method):
     space (``Linear(d, D)``), trained together; it classifies with the class text classifier."""
 
     in_default_run = False
+    whole_batch = False  # the loss relates every image to the whole batch
+
+    @classmethod
+    def check_settings(cls, *, per_domain, n_sources, world, teacher_online):
+        super().check_settings(per_domain=per_domain, n_sources=n_sources, world=world, teacher_online=teacher_online)
+        if cls.whole_batch and world > 1:  # each process would only see its slice of the batch
+            raise UserError(f"{cls.name} relates every image to the whole batch, which torchrun splits "
+                            f"over processes: run it in one process")
 
     @staticmethod
     def build(backbone, dim, text):
@@ -521,15 +529,8 @@ class ICL(TeacherSpace):
     """CLIP-KD interactive contrastive learning: the task loss plus ``w_icl`` x InfoNCE of each
     projected feature against the teacher's embeddings of the batch's views."""
 
-    name = "icl"
+    name, whole_batch = "icl", True
     hparams = {**Method.hparams, "w_icl": 1.0}
-
-    @classmethod
-    def check_settings(cls, *, per_domain, n_sources, world, teacher_online):
-        super().check_settings(per_domain=per_domain, n_sources=n_sources, world=world, teacher_online=teacher_online)
-        if world > 1:  # each process would only see its slice of the contrastive set
-            raise UserError(f"{cls.name} contrasts every image with the whole batch, which torchrun splits "
-                            f"over processes: run it in one process")
 
     @staticmethod
     def build(backbone, dim, text):
@@ -539,6 +540,18 @@ class ICL(TeacherSpace):
         target = losses.mixed_target(b.image_emb, b.image_emb_b, b.mix)
         icl = losses.interactive_contrastive(z, target, self.model.contrast_scale)
         return self.task_loss(z, b) + self.hp["w_icl"] * icl
+
+
+class Affinity(TeacherSpace):
+    """TinyCLIP affinity mimicking with the class texts for captions: the student's image-to-text
+    and text-to-image affinities (over the class texts, over the batch's images) pulled to the
+    teacher's by KL, at the logit scale; no task loss, as TinyCLIP's default."""
+
+    name, whole_batch = "affinity", True
+
+    def loss(self, z, b):
+        target = losses.mixed_target(b.image_emb, b.image_emb_b, b.mix)
+        return losses.affinity_mimicking(self.logits(z), self.logits(target))
 
 
 class CacheMethod(FixedStudent):
@@ -626,7 +639,7 @@ class Probe(CacheMethod):
         return lambda emb: F.normalize(emb.float(), dim=-1) @ weights["weight"].T + weights["bias"]
 
 
-METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD, FD, ICL)}
+METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD, FD, ICL, Affinity)}
 DEFAULT_METHOD = ADiP.name
 BENCH_METHOD = KD.name  # the one `pipeline bench` times: it reads the teacher targets every step
 
