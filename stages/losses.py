@@ -14,6 +14,14 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(dim=-1)
 
 
+def mixed_target(image_emb: torch.Tensor, image_emb_b: torch.Tensor | None = None, mix: float = 1.0) -> torch.Tensor:
+    """The teacher's embedding of the student's view, up to its norm: ``v`` itself, or with
+    CutMix ``mix * normalise(v_a) + (1 - mix) * normalise(v_b)`` (the teacher never saw the mixed image)."""
+    if image_emb_b is None:
+        return image_emb
+    return mix * F.normalize(image_emb.float(), dim=-1) + (1 - mix) * F.normalize(image_emb_b.float(), dim=-1)
+
+
 def vl2v_loss(z: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor, lam: float = 0.5,
               image_emb_b: torch.Tensor | None = None, text_emb_b: torch.Tensor | None = None,
               mix: float = 1.0) -> torch.Tensor:
@@ -25,8 +33,7 @@ def vl2v_loss(z: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor, 
     With CutMix, ``v`` becomes ``normalise(mix * v_a + (1 - mix) * v_b)`` and the text term is
     area-weighted: ``mix * cos(z, t_a) + (1 - mix) * cos(z, t_b)``.
     """
-    if image_emb_b is not None:
-        image_emb = mix * F.normalize(image_emb.float(), dim=-1) + (1 - mix) * F.normalize(image_emb_b.float(), dim=-1)
+    image_emb = mixed_target(image_emb, image_emb_b, mix)
     text_cos = _cos(z, text_emb)
     if text_emb_b is not None:
         text_cos = mix * text_cos + (1 - mix) * _cos(z, text_emb_b)
@@ -85,3 +92,24 @@ def mixed_mean(per_sample_a: torch.Tensor, per_sample_b: torch.Tensor | None, mi
     if per_sample_b is None:
         return per_sample_a.mean()
     return mix * per_sample_a.mean() + (1 - mix) * per_sample_b.mean()
+
+
+def feature_distillation(z: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+    """CLIP-KD FD: ``mean((normalise(z) - normalise(v))^2)`` over every element of [B, D] (the
+    official ``F.mse_loss`` of the normalised projected student feature and the teacher embedding)."""
+    return F.mse_loss(F.normalize(z.float(), dim=-1), F.normalize(image_emb.float(), dim=-1))
+
+
+def interactive_contrastive(z: torch.Tensor, image_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """CLIP-KD ICL with the teacher's image embeddings as the contrastive set: InfoNCE
+    ``-mean_i log softmax_j(scale * cos(z_i, v_j))[i]``, each student feature's positive being the
+    teacher's embedding of its own view and the rest of the batch its negatives."""
+    logits = scale * F.normalize(z.float(), dim=-1) @ F.normalize(image_emb.float(), dim=-1).T
+    return F.cross_entropy(logits, torch.arange(len(z), device=z.device))
+
+
+def affinity_mimicking(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """TinyCLIP affinity mimicking from [B, C] image-to-text logits (``scale * cos``, texts as
+    columns): ``0.5 * KL`` of each image's distribution over the texts (rows) plus ``0.5 * KL`` of
+    each text's distribution over the batch's images (columns), teacher to student, temperature 1."""
+    return 0.5 * kd_loss(student_logits, teacher_logits, 1.0) + 0.5 * kd_loss(student_logits.T, teacher_logits.T, 1.0)

@@ -15,6 +15,7 @@ methods (zero-shot, probe) work on the cached teacher embeddings alone.
 To add a method: subclass ``Method`` (``build`` the student, define ``logits`` and ``loss``) and
 add it to ``METHODS``. No other file names a method.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,8 @@ HPARAM_HELP = {
     "w_kd": "Weight of the KD term.",
     "w_ce": "Weight of the cross-entropy term.",
     "w_dist": "Weight of the absolute + relative distance terms.",
+    "w_fd": "Weight of the feature-distillation (MSE) term.",
+    "w_icl": "Weight of the interactive contrastive (InfoNCE) term.",
 }
 
 
@@ -481,6 +484,82 @@ class RISE(Method):
         return self.hp["w_kd"] * kd + self.hp["w_ce"] * ce + self.hp["w_dist"] * dist
 
 
+class TeacherSpace(Method):
+    """A student as CLIP-KD's and TinyCLIP's: the backbone and a new projection into the teacher's
+    space (``Linear(d, D)``), trained together; it classifies with the class text classifier."""
+
+    in_default_run = False
+    whole_batch = False  # the loss relates every image to the whole batch
+
+    @classmethod
+    def check_settings(cls, *, per_domain, n_sources, world, teacher_online):
+        super().check_settings(per_domain=per_domain, n_sources=n_sources, world=world, teacher_online=teacher_online)
+        if cls.whole_batch and world > 1:  # each process would only see its slice of the batch
+            raise UserError(f"{cls.name} relates every image to the whole batch, which torchrun splits "
+                            f"over processes: run it in one process")
+
+    @staticmethod
+    def build(backbone, dim, text):
+        return TextHeadStudent(backbone, nn.Linear(dim, text.classifier.shape[1]), text.classifier)
+
+    def logits(self, z):
+        return losses.clip_logits(z, self.model.classifier, self.text.logit_scale, self.text.logit_bias)
+
+    def task_loss(self, z, b):
+        """The CLIP task loss with class texts for captions: cross-entropy over the class texts."""
+        return losses.cross_entropy(self.logits(z), b.labels, b.labels_b, b.mix)
+
+
+class FD(TeacherSpace):
+    """CLIP-KD feature distillation: the task loss plus ``w_fd`` x the MSE between the normalised
+    projected feature and the teacher's embedding of the view."""
+
+    name = "fd"
+    hparams = {**Method.hparams, "w_fd": 2000.0}
+
+    def loss(self, z, b):
+        target = losses.mixed_target(b.image_emb, b.image_emb_b, b.mix)
+        return self.task_loss(z, b) + self.hp["w_fd"] * losses.feature_distillation(z, target)
+
+
+class ContrastiveStudent(TextHeadStudent):
+    """``TextHeadStudent`` with ICL's learnable contrastive scale, as the official code initialised
+    at ln(1 / 0.07) and used as the multiplier itself (not exponentiated)."""
+
+    def __init__(self, backbone: nn.Module, projection: nn.Module, classifier: torch.Tensor):
+        super().__init__(backbone, projection, classifier)
+        self.contrast_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+class ICL(TeacherSpace):
+    """CLIP-KD interactive contrastive learning: the task loss plus ``w_icl`` x InfoNCE of each
+    projected feature against the teacher's embeddings of the batch's views."""
+
+    name, whole_batch = "icl", True
+    hparams = {**Method.hparams, "w_icl": 1.0}
+
+    @staticmethod
+    def build(backbone, dim, text):
+        return ContrastiveStudent(backbone, nn.Linear(dim, text.classifier.shape[1]), text.classifier)
+
+    def loss(self, z, b):
+        target = losses.mixed_target(b.image_emb, b.image_emb_b, b.mix)
+        icl = losses.interactive_contrastive(z, target, self.model.contrast_scale)
+        return self.task_loss(z, b) + self.hp["w_icl"] * icl
+
+
+class Affinity(TeacherSpace):
+    """TinyCLIP affinity mimicking with the class texts for captions: the student's image-to-text
+    and text-to-image affinities (over the class texts, over the batch's images) pulled to the
+    teacher's by KL, at the logit scale; no task loss, as TinyCLIP's default."""
+
+    name, whole_batch = "affinity", True
+
+    def loss(self, z, b):
+        target = losses.mixed_target(b.image_emb, b.image_emb_b, b.mix)
+        return losses.affinity_mimicking(self.logits(z), self.logits(target))
+
+
 class CacheMethod(FixedStudent):
     """A method of the cached teacher embeddings alone: no student, no images, no teacher."""
 
@@ -567,7 +646,7 @@ class Probe(CacheMethod):
         return lambda emb: F.normalize(emb.float(), dim=-1) @ weights["weight"].T + weights["bias"]
 
 
-METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD)}
+METHODS = {m.name: m for m in (ZeroShot, Probe, ERM, KD, RISE, ADiP, SD, FD, ICL, Affinity)}
 DEFAULT_METHOD = ADiP.name
 BENCH_METHOD = KD.name  # the one `pipeline bench` times: it reads the teacher targets every step
 
