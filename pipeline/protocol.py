@@ -67,7 +67,7 @@ def resolve_settings(real_data: bool, overrides: dict, methods: str | None, seed
 
 def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
             workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
-            pixel_cache: str = "raw", jobs: int = 1) -> str:
+            pixel_cache: str = "raw", jobs: int = 1, log: str = "none") -> str:
     settings, chosen_methods, seed_list = resolve_settings(data_root is not None, overrides, methods, seeds, preset)
     holdout_list = parse_list(holdouts, "holdouts") if holdouts else None  # refused before any work
     run = RunFolder(run_dir or config.DEMO_RUN)
@@ -83,14 +83,14 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             say(f"run: built-in demo dataset in {data_root}")
         timed("extract", lambda: stage.run(Extract(
             run, data_root, teacher=settings["teacher"], pretrained=settings["pretrained"], views=settings["views"],
-            batch_size=64, workers=workers), force))
+            batch_size=64, workers=workers, log=log), force))
         index = run.load_index()
         chosen = holdout_list or index.domains
         for holdout in chosen:
             index.check_holdout(holdout)
         shared = UnitSettings(settings=settings, methods=chosen_methods, first_seed=seed_list[0],
                     n_sources=len(index.domains) - 1, cutmix=cutmix, pixel_cache=pixel_cache, workers=workers,
-                    force=force)
+                    force=force, log=log)
         done = run_units(run, shared, [(holdout, seed) for holdout in chosen for seed in seed_list], jobs)
         results = [r for unit in done for r in unit["results"]]
         sweeps = [s for unit in done for s in unit["sweeps"]]
@@ -146,6 +146,7 @@ class UnitSettings:
     pixel_cache: str
     workers: int
     force: bool
+    log: str  # run tracking: none, tensorboard or wandb
 
 
 def _timed(timings: dict, name: str, fn):
@@ -180,7 +181,8 @@ def run_unit(run_root, shared: UnitSettings, holdout: str, seed: int) -> dict:
     if any(METHODS[m].needs_alignment for m in shared.methods):
         aligned = timed("align", lambda: run_alignment(
             run, **student, holdout=holdout, steps=settings["align_steps"], per_domain=settings["per_domain"],
-            lr=settings["align_lr"], seed=seed, eval_every=settings["eval_every"], workers=workers, force=force))
+            lr=settings["align_lr"], seed=seed, eval_every=settings["eval_every"], workers=workers, force=force,
+            log=shared.log))
     trained_key = aligned
     for name in shared.methods:
         method = METHODS[name]
@@ -197,7 +199,8 @@ def run_unit(run_root, shared: UnitSettings, holdout: str, seed: int) -> dict:
                 variant = variant_name(point) if len(points) > 1 else None
                 distill = Distill(run, name, holdout, **own, seed=seed, hparams={**hparams, **point},
                                   anchors=preset_settings.get("anchors", "domains"), variant=variant,
-                                  pixel_cache=shared.pixel_cache, **{**train, **method.schedule(settings, shared.cutmix)})
+                                  pixel_cache=shared.pixel_cache, log=shared.log,
+                                  **{**train, **method.schedule(settings, shared.cutmix)})
                 summary = timed("distill", lambda: stage.run(distill, force))
                 candidates.append({"variant": variant, "hparams": point,
                                    "best_source_val_acc": summary["best_source_val_acc"]})

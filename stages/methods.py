@@ -24,7 +24,8 @@ from torch import nn
 from cache.errors import UserError
 from cache.teacher_cache import TeacherCache, TextTargets
 from stages import losses
-from stages.fit import fit_on_cache
+from stages import tracking
+from stages.fit import fit_on_cache, loss_values
 from stages.runtime import device
 from stages.student import create_backbone, feature_dim, resolved_weights, student_key
 from stages.teacher import teacher_of_cache
@@ -78,6 +79,7 @@ class TrainJob:
     hparams: dict
     projection: dict | None   # the aligned projection's weights (``needs_alignment``)
     train: object             # (trainer: Method, spec: InputSpec) -> (weights, log)
+    track: tracking.Tracker = tracking.OFF  # the stage's run tracking (``--log``)
 
 
 @dataclass
@@ -279,7 +281,12 @@ class Method:
         raise NotImplementedError
 
     def loss(self, outputs, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """The training loss; define it, or ``loss_terms``."""
+        return sum(self.loss_terms(outputs, batch).values())
+
+    def loss_terms(self, outputs, batch: Batch) -> dict:
+        """The loss as named terms, each weighted, in the order they add up (tracked one by one)."""
+        return {"loss": self.loss(outputs, batch)}
 
     def _forward(self, images):
         module = self.ddp if (self.ddp is not None and self.model.training) else self.model
@@ -293,13 +300,14 @@ class Method:
             for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        loss = self.loss(self._forward(batch.images), batch)
+        terms = self.loss_terms(self._forward(batch.images), batch)
+        loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        return {"loss": loss.item()}
+        return loss_values(loss, terms)
 
     @torch.no_grad()
     def score(self, batch: Batch) -> tuple:
@@ -337,9 +345,9 @@ class ADiP(Method):
     def logits(self, z):
         return losses.clip_logits(z, self.model.classifier)
 
-    def loss(self, z, b):
+    def loss_terms(self, z, b):
         classifier = self.model.classifier
-        return losses.vl2v_loss(z, b.image_emb, classifier[b.labels], self.hp["lam"], b.image_emb_b,
+        return losses.vl2v_terms(z, b.image_emb, classifier[b.labels], self.hp["lam"], b.image_emb_b,
                                 None if b.labels_b is None else classifier[b.labels_b], b.mix)
 
 
@@ -424,11 +432,12 @@ class KD(ERM):
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
         return steps * batch
 
-    def loss(self, logits, b):
+    def loss_terms(self, logits, b):
         teacher = losses.clip_logits(b.image_emb, self.text.classifier)
         teacher_b = None if b.image_emb_b is None else losses.clip_logits(b.image_emb_b, self.text.classifier)
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
-        return self.hp["alpha"] * kd + (1 - self.hp["alpha"]) * losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)
+        return {"kd": self.hp["alpha"] * kd,
+                "ce": (1 - self.hp["alpha"]) * losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)}
 
 
 class RISE(Method):
@@ -459,7 +468,7 @@ class RISE(Method):
     def logits(self, outputs):
         return outputs[1]
 
-    def loss(self, outputs, b):
+    def loss_terms(self, outputs, b):
         s, logits = outputs
         ensemble, anchors = self.text.ensemble, self.text.anchors
 
@@ -472,7 +481,7 @@ class RISE(Method):
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
         ce = losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)
         dist = losses.mixed_mean(distance(b.labels), None if b.labels_b is None else distance(b.labels_b), b.mix)
-        return self.hp["w_kd"] * kd + self.hp["w_ce"] * ce + self.hp["w_dist"] * dist
+        return {"kd": self.hp["w_kd"] * kd, "ce": self.hp["w_ce"] * ce, "dist": self.hp["w_dist"] * dist}
 
 
 class CacheMethod(FixedStudent):
@@ -505,7 +514,7 @@ class CacheMethod(FixedStudent):
         c = job.config
         state, log = cls.fit_head(job.cache.image_emb, job.labels, job.train_rows, job.val_rows, steps=c["steps"],
                                   per_domain=c["per_domain"], seed=c["seed"], eval_every=c["eval_every"],
-                                  **job.hparams)
+                                  track=job.track, **job.hparams)
         return {"best": state}, log
 
     @classmethod
@@ -544,16 +553,18 @@ class Probe(CacheMethod):
 
     @classmethod
     def fit_head(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
-            steps: int, per_domain: int, seed: int, eval_every: int, **hparams):
+            steps: int, per_domain: int, seed: int, eval_every: int, track: tracking.Tracker = tracking.OFF,
+            **hparams):
         """Fit ``Linear(D, C)`` on the training views; the best on source validation."""
         hp = {**cls.hparams, **{k: v for k, v in hparams.items() if v is not None and k in cls.hparams}}
         torch.manual_seed(seed)
         features = F.normalize(image_emb.float(), dim=-1)
         head = torch.nn.Linear(features.shape[-1], int(labels.max()) + 1)
         return fit_on_cache(head, features, train_rows_by_domain, val_rows_by_domain,
-                            loss=lambda out, rows, items: F.cross_entropy(out, labels[rows]),
+                            loss=lambda out, rows, items: {"ce": F.cross_entropy(out, labels[rows])},
                             logits=lambda out: out, labels=labels, steps=steps, per_domain=per_domain,
-                            lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name)
+                            lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name,
+                            track=track)
 
     @classmethod
     def logits_of(cls, weights, cache):
