@@ -25,10 +25,10 @@ def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_
                  track: tracking.Tracker = tracking.OFF) -> tuple[dict, list]:
     """Train ``module`` with Adam; keep the state with the best source-validation accuracy.
 
-    ``features`` is [N, K, d]; each step draws balanced (image, view) items and minimises the sum
-    of the named terms ``loss(module(features[items]), rows, items)``; validation scores
-    ``logits(module(x))`` on the eval view (view 0) of each domain's ``val_rows_by_domain``.
-    Returns the best state dict and the log.
+    ``features`` is [N, K, d]; each step draws balanced (image, view) items and minimises
+    ``loss(module(features[items]), rows, items)``: a tensor, or a dict of named weighted terms
+    (their sum; each term is tracked). Validation scores ``logits(module(x))`` on the eval view
+    (view 0) of each domain's ``val_rows_by_domain``. Returns the best state dict and the log.
     """
     n_views = features.shape[1]
     flat = features.flatten(0, 1)  # a view, no copy: each batch is converted to float32 alone
@@ -40,6 +40,7 @@ def fit_on_cache(module: torch.nn.Module, features: torch.Tensor, train_rows_by_
     for step, items in enumerate(progress(iterable=sampler, desc=desc, unit="step"), start=1):
         items = torch.as_tensor(items)
         terms = loss(module(flat[items].float()), items // n_views, items)
+        terms = terms if isinstance(terms, dict) else {"loss": terms}
         batch_loss = sum(terms.values())
         values = loss_values(batch_loss, terms)
         require_finite(values["loss"], step, "nothing was saved")

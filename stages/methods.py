@@ -249,6 +249,7 @@ class Method:
         self.hp = {**self.hparams, **{k: v for k, v in hparams.items() if v is not None and k in self.hparams}}
         self._optimizer = self._scheduler = None  # built on first use: predicting needs neither
         self.ddp = None  # DistributedDataParallel wrapper of ``model`` under torchrun
+        self._terms = (None, {})  # (the sum, the named terms) of the last ``terms`` call
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -281,12 +282,13 @@ class Method:
         raise NotImplementedError
 
     def loss(self, outputs, batch: Batch) -> torch.Tensor:
-        """The training loss; define it, or ``loss_terms``."""
-        return sum(self.loss_terms(outputs, batch).values())
+        raise NotImplementedError
 
-    def loss_terms(self, outputs, batch: Batch) -> dict:
-        """The loss as named terms, each weighted, in the order they add up (tracked one by one)."""
-        return {"loss": self.loss(outputs, batch)}
+    def terms(self, **weighted) -> torch.Tensor:
+        """A loss of named, weighted terms: their sum in order. When it is the loss ``loss``
+        returns, ``update`` reports each term (for run tracking)."""
+        self._terms = (sum(weighted.values()), weighted)
+        return self._terms[0]
 
     def _forward(self, images):
         module = self.ddp if (self.ddp is not None and self.model.training) else self.model
@@ -300,14 +302,15 @@ class Method:
             for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        terms = self.loss_terms(self._forward(batch.images), batch)
-        loss = sum(terms.values())
+        self._terms = (None, {})  # a loss that does not call ``terms`` has none
+        loss = self.loss(self._forward(batch.images), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        return loss_values(loss, terms)
+        total, terms = self._terms
+        return loss_values(loss, terms if total is loss else {})
 
     @torch.no_grad()
     def score(self, batch: Batch) -> tuple:
@@ -345,10 +348,11 @@ class ADiP(Method):
     def logits(self, z):
         return losses.clip_logits(z, self.model.classifier)
 
-    def loss_terms(self, z, b):
+    def loss(self, z, b):
         classifier = self.model.classifier
-        return losses.vl2v_terms(z, b.image_emb, classifier[b.labels], self.hp["lam"], b.image_emb_b,
-                                None if b.labels_b is None else classifier[b.labels_b], b.mix)
+        return self.terms(**losses.vl2v_terms(z, b.image_emb, classifier[b.labels], self.hp["lam"],
+                                              b.image_emb_b, None if b.labels_b is None else classifier[b.labels_b],
+                                              b.mix))
 
 
 class FixedStudent:
@@ -432,12 +436,12 @@ class KD(ERM):
     def official_teacher_forwards(cls, *, steps, align_steps, batch):
         return steps * batch
 
-    def loss_terms(self, logits, b):
+    def loss(self, logits, b):
         teacher = losses.clip_logits(b.image_emb, self.text.classifier)
         teacher_b = None if b.image_emb_b is None else losses.clip_logits(b.image_emb_b, self.text.classifier)
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
-        return {"kd": self.hp["alpha"] * kd,
-                "ce": (1 - self.hp["alpha"]) * losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)}
+        return self.terms(kd=self.hp["alpha"] * kd,
+                          ce=(1 - self.hp["alpha"]) * losses.cross_entropy(logits, b.labels, b.labels_b, b.mix))
 
 
 class RISE(Method):
@@ -468,7 +472,7 @@ class RISE(Method):
     def logits(self, outputs):
         return outputs[1]
 
-    def loss_terms(self, outputs, b):
+    def loss(self, outputs, b):
         s, logits = outputs
         ensemble, anchors = self.text.ensemble, self.text.anchors
 
@@ -481,7 +485,7 @@ class RISE(Method):
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
         ce = losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)
         dist = losses.mixed_mean(distance(b.labels), None if b.labels_b is None else distance(b.labels_b), b.mix)
-        return {"kd": self.hp["w_kd"] * kd, "ce": self.hp["w_ce"] * ce, "dist": self.hp["w_dist"] * dist}
+        return self.terms(kd=self.hp["w_kd"] * kd, ce=self.hp["w_ce"] * ce, dist=self.hp["w_dist"] * dist)
 
 
 class CacheMethod(FixedStudent):
@@ -561,7 +565,7 @@ class Probe(CacheMethod):
         features = F.normalize(image_emb.float(), dim=-1)
         head = torch.nn.Linear(features.shape[-1], int(labels.max()) + 1)
         return fit_on_cache(head, features, train_rows_by_domain, val_rows_by_domain,
-                            loss=lambda out, rows, items: {"ce": F.cross_entropy(out, labels[rows])},
+                            loss=lambda out, rows, items: F.cross_entropy(out, labels[rows]),
                             logits=lambda out: out, labels=labels, steps=steps, per_domain=per_domain,
                             lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name,
                             track=track)

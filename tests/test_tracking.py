@@ -40,6 +40,23 @@ def steps(series):
     return [step for step, _ in series]
 
 
+@pytest.mark.parametrize("name", ["adip", "kd", "rise"])
+def test_a_methods_terms_add_up_to_its_loss_and_a_changed_loss_reports_none(name):
+    from stages.methods import METHODS
+    from test_training_math import make, tiny_batch
+    batch = tiny_batch(cutmix_=True)
+    reported = make(METHODS[name]).update(batch)
+    terms = {k: v for k, v in reported.items() if k != "loss"}
+    assert len(terms) > 1 and reported["loss"] == pytest.approx(sum(terms.values()), abs=1e-6)
+
+    class Doubled(METHODS[name]):
+        def loss(self, outputs, b):
+            return 2 * super().loss(outputs, b)
+
+    # its parent's terms no longer add up to the loss: only the loss is reported
+    assert make(Doubled).update(batch) == {"loss": pytest.approx(2 * reported["loss"])}
+
+
 def test_tensorboard_has_every_step_its_loss_terms_lr_and_each_validation(run_copy):
     assert distill(run_copy, "rise", "--steps", 6, "--eval-every", 3, "--log", "tensorboard").exit_code == 0
     folder = stage_folder(run_copy, "distill", "rise")
