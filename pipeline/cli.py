@@ -12,7 +12,7 @@ from cache.progress import Interrupted
 from data.images import BadImage
 from pipeline import config
 from stages.runfolder import RunFolder
-from stages import stage
+from stages import stage, tracking
 from stages.align import run_alignment
 from stages.distill import Distill
 from stages.evaluate import Evaluate
@@ -39,6 +39,18 @@ TEACHERS = click.option(
     "--teachers", default=None,
     help="Comma-separated extracted teachers to train and score against (names, e.g. ViT-B-16-openai, or the "
          "--teacher they were extracted with); several: their ensemble. Default: the run folder's first teacher.")
+
+
+def _installed(ctx, param, backend: str) -> str:
+    """--log: a back-end whose package is missing is refused before any work."""
+    tracking.require(backend)
+    return backend
+
+
+LOG = click.option(
+    "--log", type=click.Choice(tracking.BACKENDS), default=tracking.DEFAULT, show_default=True, callback=_installed,
+    help="Track training in each stage's folder: per-step loss and its terms, learning rate, images/s, "
+         "source-validation accuracy, SWAD's events (tensorboard, or wandb: offline unless WANDB_API_KEY is set).")
 PER_DOMAIN = click.option("--per-domain", default=config.REAL["per_domain"], show_default=True,
                           help="Images per source domain in each step.")
 
@@ -147,15 +159,16 @@ def _listed(text: str | None) -> list | None:
 @click.option("--eval-every", default=100, show_default=True, help="Steps between source-val checks.")
 @click.option("--batch-size", default=128, type=POSITIVE, show_default=True, help="Images per feature batch.")
 @TEACHERS
+@LOG
 @WORKERS
 @FORCE
 def align(run_dir, student, student_weights, student_size, holdout, steps, per_domain, lr, lam, seed,
-          eval_every, batch_size, teachers, workers, force):
+          eval_every, batch_size, teachers, log, workers, force):
     """Fit the projection from the frozen student's (cached) features to the teacher's space."""
     with RunFolder(run_dir).using(_listed(teachers)).writing() as run:
         run_alignment(run, student=student, student_weights=student_weights, student_size=student_size,
                       holdout=holdout, steps=steps, per_domain=per_domain, lr=lr, lam=lam, seed=seed,
-                      eval_every=eval_every, batch_size=batch_size, workers=workers, force=force)
+                      eval_every=eval_every, batch_size=batch_size, workers=workers, force=force, log=log)
 
 
 
@@ -187,16 +200,18 @@ TRAINED = [m for m, cls in METHODS.items() if cls.trains]
               help="Run the teacher on every replayed view instead of reading the cache (the reference).")
 @PIXEL_CACHE
 @TEACHERS
+@LOG
 @WORKERS
 @FORCE
 def distill(run_dir, method, holdout, student, student_weights, student_size, steps, per_domain, seed,
-            eval_every, anchors, cutmix, swad, teacher_online, pixel_cache, teachers, workers, force, **hparams):
+            eval_every, anchors, cutmix, swad, teacher_online, pixel_cache, teachers, log, workers, force,
+            **hparams):
     """Train a student on replayed views against the cached teacher embeddings."""
     with RunFolder(run_dir).using(_listed(teachers)).writing() as run:
         stage.run(Distill(run, method, holdout, student=student, student_weights=student_weights,
                           student_size=student_size, steps=steps, per_domain=per_domain, seed=seed,
                           eval_every=eval_every, workers=workers, hparams=hparams, cutmix=cutmix, swad=swad,
-                          anchors=anchors, teacher_online=teacher_online, pixel_cache=pixel_cache), force)
+                          anchors=anchors, teacher_online=teacher_online, pixel_cache=pixel_cache, log=log), force)
 
 
 @main.command()
@@ -254,11 +269,12 @@ def evaluate(run_dir, method, holdout, student, model, seed, teachers, workers, 
 @click.option("--jobs", default=1, show_default=True, type=POSITIVE,
               help="Processes that train (held-out domain, seed) pairs side by side; one GPU each when "
                    "there are GPUs.")
+@LOG
 @WORKERS
 @FORCE
 def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, teachers, student, student_weights,
         student_size, views, steps, align_steps, per_domain, eval_every, cutmix, preset, pixel_cache, rescan, jobs,
-        workers, force):
+        log, workers, force):
     """Every held-out domain x method x seed from one extraction, then the table.
 
     With no arguments: the built-in demo (generated shapes in four styles, tiny models).
@@ -270,7 +286,7 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, teach
         "student_size": student_size, "views": views, "steps": steps, "align_steps": align_steps,
         "per_domain": per_domain, "eval_every": eval_every}, methods=methods, seeds=seeds,
         holdouts=holdouts, workers=workers, force=force, cutmix=cutmix, preset=preset, pixel_cache=pixel_cache,
-        jobs=jobs, teachers=teachers, rescan=rescan)
+        jobs=jobs, teachers=teachers, rescan=rescan, log=log)
 
 
 @main.command()

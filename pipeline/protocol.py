@@ -67,7 +67,8 @@ def resolve_settings(real_data: bool, overrides: dict, methods: str | None, seed
 
 def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: str, holdouts,
             workers: int, force: bool, cutmix: float = 0.0, preset: str | None = None,
-            pixel_cache: str = "raw", jobs: int = 1, teachers: str | None = None, rescan: bool = False) -> str:
+            pixel_cache: str = "raw", jobs: int = 1, teachers: str | None = None, rescan: bool = False,
+            log: str = "none") -> str:
     if teachers and overrides.get("teacher"):
         raise UserError("give --teacher or --teachers, not both (the first of --teachers is the run's teacher)")
     if teachers:  # the first is --teacher; every one is extracted, and trained against as an ensemble
@@ -89,7 +90,8 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
         extractions = []
         for spec in settings.get("teachers", [settings["teacher"]]):  # each placed once the one before is cached
             extractions.append(Extract(run, data_root, **teacher_and_tag(spec, settings["pretrained"]),
-                                       views=settings["views"], batch_size=64, workers=workers, rescan=rescan))
+                                       views=settings["views"], batch_size=64, workers=workers, rescan=rescan,
+                                       log=log))
             timed("extract", lambda: stage.run(extractions[-1], force))
         trained_against = run.using([e.name for e in extractions] if len(extractions) > 1 else None)
         index = run.load_index()
@@ -98,7 +100,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
             index.check_holdout(holdout)
         shared = UnitSettings(settings=settings, methods=chosen_methods, first_seed=seed_list[0],
                     n_sources=len(index.domains) - 1, cutmix=cutmix, pixel_cache=pixel_cache, workers=workers,
-                    force=force, teachers=trained_against.teachers)
+                    force=force, log=log, teachers=trained_against.teachers)
         done = run_units(run, shared, [(holdout, seed) for holdout in chosen for seed in seed_list], jobs)
         results = [r for unit in done for r in unit["results"]]
         sweeps = [s for unit in done for s in unit["sweeps"]]
@@ -155,6 +157,7 @@ class UnitSettings:
     pixel_cache: str
     workers: int
     force: bool
+    log: str  # run tracking: none, tensorboard or wandb
     teachers: tuple | None = None  # an ensemble's teacher names (``RunFolder.teachers``)
 
 
@@ -208,7 +211,8 @@ def run_unit(run_root, shared: UnitSettings, holdout: str, seed: int) -> dict:
     if any(METHODS[m].needs_alignment for m in shared.methods):
         aligned = timed("align", lambda: run_alignment(
             run, **student, holdout=holdout, steps=settings["align_steps"], per_domain=settings["per_domain"],
-            lr=settings["align_lr"], seed=seed, eval_every=settings["eval_every"], workers=workers, force=force))
+            lr=settings["align_lr"], seed=seed, eval_every=settings["eval_every"], workers=workers, force=force,
+            log=shared.log))
     trained_key = aligned
     for against, names in unit_passes(every, run, shared.methods):
         for name in names:
@@ -226,7 +230,8 @@ def run_unit(run_root, shared: UnitSettings, holdout: str, seed: int) -> dict:
                     variant = variant_name(point) if len(points) > 1 else None
                     distill = Distill(against, name, holdout, **own, seed=seed, hparams={**hparams, **point},
                                       anchors=preset_settings.get("anchors", "domains"), variant=variant,
-                                      pixel_cache=shared.pixel_cache, **{**train, **method.schedule(settings, shared.cutmix)})
+                                      pixel_cache=shared.pixel_cache, log=shared.log,
+                                      **{**train, **method.schedule(settings, shared.cutmix)})
                     summary = timed("distill", lambda: stage.run(distill, force))
                     candidates.append({"variant": variant, "hparams": point,
                                        "best_source_val_acc": summary["best_source_val_acc"]})

@@ -15,10 +15,10 @@ from cache import atomic, store, student_features
 from cache.progress import progress, say
 from data.pixels import RenderedRows, normalise
 from stages.fit import fit_on_cache
-from stages.losses import clip_logits, vl2v_loss
+from stages.losses import clip_logits, vl2v_terms
 from stages.methods import ALIGN_HPARAMS
 from stages.runtime import batched, device
-from stages import stage
+from stages import stage, tracking
 from stages.stage import Stage, require_positive, require_rates, save_outputs
 from stages.student import create_backbone, feature_dim, resolved_weights, student_key
 
@@ -94,9 +94,10 @@ class Align(Stage):
 
     def __init__(self, run, features: StudentFeatures, holdout: str, *, steps: int, per_domain: int,
                  lr: float = ALIGN_HPARAMS["lr"], lam: float = ALIGN_HPARAMS["lam"], seed: int = 0,
-                 eval_every: int = 100):
+                 eval_every: int = 100, log: str = tracking.DEFAULT):
         require_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
         require_rates({"lr": lr, "lam": lam})
+        self.log_to = log  # not in the config: tracking never changes what the stage computes
         self.run, self.features, self.holdout, self.key = run, features, holdout, features.key
         self.sources, self.train_rows, self.val_rows = run.load_index().sources(holdout)
         self.folder = run.align_dir(self.key, holdout)
@@ -115,8 +116,12 @@ class Align(Stage):
         cache = self.run.load_teacher()
         labels = torch.as_tensor(self.run.load_index().label)
         started = time.time()
-        state, log = align(student_features.read(self.features.path), cache.image_emb, cache.classifier, labels,
-                           self.train_rows, self.val_rows, **self.config)
+        track = tracking.start(self.log_to, self.run, self.folder, self.config)
+        try:
+            state, log = align(student_features.read(self.features.path), cache.image_emb, cache.classifier,
+                               labels, self.train_rows, self.val_rows, **self.config, track=track)
+        finally:
+            track.close()
         save_outputs(self.folder, {"projection": state},
                      {**self.config, "holdout": self.holdout, "sources": self.sources, "student_key": self.key}, log)
         return {**log[-1], "seconds": round(time.time() - started, 2)}
@@ -145,7 +150,8 @@ def run_alignment(run, *, student: str, student_weights: str, student_size, hold
 def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.Tensor,
           labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
           steps: int, per_domain: int = 32, lr: float = 5e-5, weight_decay: float = 0.0,
-          lam: float = 0.5, seed: int = 0, eval_every: int = 50) -> tuple[dict, list]:
+          lam: float = 0.5, seed: int = 0, eval_every: int = 50,
+          track: tracking.Tracker = tracking.OFF) -> tuple[dict, list]:
     """Train ``Linear(student_dim, teacher_dim)`` with the VL2V loss on cached arrays.
 
     ``features`` [N, K, d] and ``teacher_emb`` [N, K, D] are indexed by flat items
@@ -156,6 +162,6 @@ def align(features: torch.Tensor, teacher_emb: torch.Tensor, classifier: torch.T
     projection = torch.nn.Linear(features.shape[-1], teacher_emb.shape[-1])
     return fit_on_cache(
         projection, features, train_rows_by_domain, val_rows_by_domain,
-        loss=lambda z, rows, items: vl2v_loss(z, flat_teacher[items].float(), classifier[labels[rows]], lam),
+        loss=lambda z, rows, items: vl2v_terms(z, flat_teacher[items].float(), classifier[labels[rows]], lam),
         logits=lambda z: clip_logits(z, classifier), labels=labels, steps=steps, per_domain=per_domain,
-        lr=lr, weight_decay=weight_decay, seed=seed, eval_every=eval_every, desc="align")
+        lr=lr, weight_decay=weight_decay, seed=seed, eval_every=eval_every, desc="align", track=track)

@@ -28,8 +28,8 @@ from data.images import ReplayImages
 from data.pixels import PixelBatches, normalise
 from data.views import InputSpec
 from data.sampling import BalancedViewSampler
-from stages import distributed
-from stages.fit import require_finite, source_val_accuracy
+from stages import distributed, tracking
+from stages.fit import require_finite, source_val_accuracy, track_step
 from stages.pixels import FORMS as PIXEL_FORMS, StudentPixels
 from stages.methods import Batch, TrainJob, method_named
 from stages.runtime import device, loader
@@ -50,11 +50,13 @@ class Distill(Stage):
                  student_weights: str = "imagenet", student_size=None, steps: int, per_domain: int,
                  seed: int = 0, eval_every: int, workers: int = 0, hparams: dict | None = None,
                  cutmix: float = 0.0, swad: bool | None = None, anchors: str = "domains",
-                 teacher_online: bool = False, variant: str | None = None, pixel_cache: str = "raw"):
+                 teacher_online: bool = False, variant: str | None = None, pixel_cache: str = "raw",
+                 log: str = tracking.DEFAULT):
         self.method = method_named(method)
         if pixel_cache not in PIXEL_FORMS:
             raise UserError(f"--pixel-cache must be one of {', '.join(PIXEL_FORMS)}, got '{pixel_cache}'")
         self.pixel_cache = pixel_cache
+        self.log_to = log  # not in the config: tracking never changes what the stage computes
         require_positive(steps=steps, per_domain=per_domain, eval_every=eval_every)
         require_rates(hparams or {})
         if not self.method.trains:
@@ -104,16 +106,19 @@ class Distill(Stage):
     def compute(self) -> dict | None:
         cache = self.cache
         started = time.time()
+        track = tracking.start(self.log_to, self.run, self.folder, self.config)
         job = TrainJob(cache=cache, labels=torch.as_tensor(self.index.label), train_rows=self.train_rows,
                        val_rows=self.val_rows, sources=self.sources, student=self.student, config=self.config,
                        hparams=self.hparams, projection=load_file(self.projection) if self.projection else None,
-                       train=lambda trainer, spec: self._train(trainer, spec, cache))
+                       train=lambda trainer, spec: self._train(trainer, spec, cache, track), track=track)
         try:
             weights, log = self.method.fit(job)
         except pixel_cache.DamagedPixels:  # found on read: every damaged row marked, rendered again next time
             rows = pixel_cache.mark_damaged(self.pixels.path)
             raise UserError(f"{self.pixels.path}: {rows} rows hold views that do not match their checksums; "
                             f"they are marked to be rendered again: run the same command again") from None
+        finally:
+            track.close()
         if not distributed.is_main():
             return None  # checkpoints and results are written once, by rank 0
         self.outputs = save_outputs(self.folder, weights, {**self.config, "holdout": self.holdout,
@@ -121,7 +126,7 @@ class Distill(Stage):
         (self.folder / "resume.pt").unlink(missing_ok=True)
         return {**log[-1], "seconds": round(time.time() - started, 1)}
 
-    def _train(self, trainer, spec, cache) -> tuple:
+    def _train(self, trainer, spec, cache, track: tracking.Tracker) -> tuple:
         """The training loop over replayed views at ``spec``: ({name: state}, log)."""
         c = self.config
         online = OnlineTargets(teacher_of_cache(cache.attrs)) if self.teacher_online else None
@@ -146,7 +151,7 @@ class Distill(Stage):
                      eval_every=c["eval_every"], workers=self.workers, cutmix_p=c["cutmix"],
                      swad=self.swad, resume_path=resume,
                      resume_key=sha256_json({"config": c, "inputs": self.inputs}), online=online,
-                     rank=rank, world=world, pixel_spec=pixel_spec)
+                     rank=rank, world=world, pixel_spec=pixel_spec, track=track)
 
     def published(self, summary: dict) -> None:
         say(f"distill: {self.method.name} held-out '{self.holdout}': best source-val accuracy "
@@ -267,7 +272,7 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
           workers: int = 0, cutmix_p: float = 0.0, cutmix_beta: float = 1.0, swad: bool = False,
           swad_valley: dict | None = None, resume_path=None, resume_key: str = "",
           online: OnlineTargets | None = None, rank: int = 0, world: int = 1,
-          pixel_spec: InputSpec | None = None) -> tuple[dict, list]:
+          pixel_spec: InputSpec | None = None, track: tracking.Tracker = tracking.OFF) -> tuple[dict, list]:
     """Run ``steps`` updates of ``method``. Returns ({"best": state, ["swad": state]}, log).
 
     Targets come from ``cache``, or with ``online`` from the teacher itself (``dataset`` then
@@ -278,7 +283,8 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
     the single-process step on the whole batch (BatchNorm statistics stay per rank on CPU).
 
     With ``resume_path``, training state is saved there at every validation and, if a saved
-    state with the same ``resume_key`` exists, training continues from it.
+    state with the same ``resume_key`` exists, training continues from it. ``track`` gets every
+    step's loss (and its terms), learning rate and images/s, every validation and SWAD's events.
     """
     torch.manual_seed(seed)
     run_device = device()
@@ -302,29 +308,36 @@ def train(method, dataset: ReplayImages, cache, labels: np.ndarray, train_rows_b
             if cutmix_p and rng.random() < cutmix_p:
                 mixed, perm, mix = cutmix(batch.images, rng, cutmix_beta)
                 batch = Batch(mixed, batch.labels, batch.image_emb, batch.labels[perm], batch.image_emb[perm], mix)
-            losses.append(_global_mean(method.update(batch)["loss"], world))
+            lr = method.optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps after it)
+            values = _global_mean(method.update(batch), world)
+            losses.append(values["loss"])
             require_finite(losses[-1], step, kept)
             if tracker is not None:
                 tracker.add(model.state_dict())
             bar.update(1)
-            train_seconds += time.perf_counter() - step_started
+            seconds = time.perf_counter() - step_started
+            train_seconds += seconds
+            track_step(track, step, values, lr, len(batch.labels) * world / seconds)
             if step % eval_every == 0 or step == steps:
                 acc, val_loss = validate(method, source, val_rows_by_domain)
                 state.log.append({"step": step, "loss": round(float(np.mean(losses)), 5), "source_val_acc": acc,
                                   "source_val_loss": round(val_loss, 5), "seconds": round(time.time() - started, 1)})
                 losses = []
                 bar.set_postfix(loss=state.log[-1]["loss"], val=f"{acc:.3f}")
+                track.scalar("val/source_acc", acc, step)
+                track.scalar("val/source_loss", val_loss, step)
                 if acc > state.best[0]:
                     state.best = (acc, copy.deepcopy(model.state_dict()), step)
-                if tracker is not None and tracker.validated(step, val_loss):
+                if tracker is not None and tracker.validated(step, val_loss, track):
                     break
+                track.flush()  # what the saved state covers is logged: a resume continues from there
                 state.save(step)
                 if stop.requested:
                     raise Interrupted(f"distill: interrupted at step {step} of {steps}; the state is saved, "
                                       f"run the same command again to continue")
             step_started = time.perf_counter()
     return _final_weights(method, model, source, val_rows_by_domain, state, tracker, online,
-                          train_seconds / max(state.log[-1]["step"] - first_step, 1))
+                          train_seconds / max(state.log[-1]["step"] - first_step, 1), track)
 
 
 def _placed(method, run_device: torch.device, world: int) -> torch.nn.Module:
@@ -354,7 +367,7 @@ def validate(method, source: BatchSource, val_rows_by_domain: list) -> tuple[flo
 
 
 def _final_weights(method, model, source, val_rows_by_domain, state: TrainingState, tracker, online,
-                   seconds_per_step: float) -> tuple[dict, list]:
+                   seconds_per_step: float, track: tracking.Tracker) -> tuple[dict, list]:
     """The best weights (and SWAD's average, scored on source validation) and the log with its summary."""
     states = {"best": state.best[1]}
     summary = {"best_step": state.best[2], "best_source_val_acc": state.best[0],
@@ -366,13 +379,14 @@ def _final_weights(method, model, source, val_rows_by_domain, state: TrainingSta
         states["swad"] = copy.deepcopy(model.state_dict())
         acc, _ = validate(method, source, val_rows_by_domain)
         summary.update(tracker.summary(acc, state.log[-1]["step"]))
+        track.scalar("val/swad_source_acc", acc, state.log[-1]["step"])
     return states, state.log + [summary]
 
 
-def _global_mean(value: float, world: int) -> float:
-    """The loss of the whole global batch: the mean of the ranks' local means (equal slices)."""
+def _global_mean(values: dict, world: int) -> dict:
+    """The loss (and its terms) of the whole global batch: the mean of the ranks' local means (equal slices)."""
     if world == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64)
+        return values
+    total = torch.tensor(list(values.values()), dtype=torch.float64)
     torch.distributed.all_reduce(total)
-    return total.item() / world
+    return dict(zip(values, (total / world).tolist()))

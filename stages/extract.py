@@ -20,7 +20,7 @@ from cache.progress import Interrupted, StopFlag, ignore_sigint, progress, say
 from data import domainbed
 from data.images import ExtractionImages
 from data.views import PARAM_NAMES, Augment
-from stages import distributed, remote_teacher
+from stages import distributed, remote_teacher, tracking
 from stages.prompts import (GENERIC_ANCHORS, RISE_ANCHOR_TEMPLATE, RISE_TEMPLATES, anchor_prompts,
                             class_prompt_name, templates_named)
 from stages.runfolder import teacher_name
@@ -35,9 +35,10 @@ class Extract(Stage):
     def __init__(self, run, data_root, *, teacher: str, pretrained, views: int = VIEWS, view_seed: int = 0,
                  template_set: str = "photo", val_fraction: float = 0.2, split_seed: int = 0,
                  batch_size: int = 64, workers: int = 0, max_queries: int | None = None,
-                 teacher_concurrency: int = 4, rescan: bool = False):
+                 teacher_concurrency: int = 4, rescan: bool = False, log: str = tracking.DEFAULT):
         if views < 1:
             raise UserError(f"--views must be at least 1, got {views}")
+        self.log_to = log  # not in the config: tracking never changes what the stage computes
         # A teacher service: its metadata (read now, no query) gives the weights' fingerprint.
         self.remote = remote_teacher.RemoteTeacher(teacher, concurrency=teacher_concurrency, max_queries=max_queries) \
             if remote_teacher.is_remote(teacher) else None
@@ -167,10 +168,12 @@ class Extract(Stage):
             f"{self.n_views} views each; teacher {self.teacher_name}" + (f"; {world} processes" if world > 1 else ""))
         rows = range(len(index)) if world == 1 else shard_rows(len(index), self.batch_size, rank, world)
         target = store_path if world == 1 else self.run.shard(rank, world)
+        track = tracking.start(self.log_to, self.run, self.folder, self.config)
         try:
             with StopFlag() as stop:
-                summary = self._fill(target, rows, stop)
+                summary = self._fill(target, rows, stop, track)
         finally:
+            track.close()
             if self.remote:
                 self.remote.save_ledger()
         if self.remote:
@@ -216,8 +219,9 @@ class Extract(Stage):
         texts["rise_classifier"] = rise_ensemble(texts["rise_text_emb"])
         return texts
 
-    def _fill(self, store_path: Path, rows: range, stop: StopFlag) -> dict:
-        """Fill ``store_path`` (created if missing, resumed if partial) for ``rows``."""
+    def _fill(self, store_path: Path, rows: range, stop: StopFlag, track: tracking.Tracker) -> dict:
+        """Fill ``store_path`` (created if missing, resumed if partial) for ``rows``. ``track`` gets
+        each block's images/s and the teacher queries sent so far, by the images cached."""
         index, n_views, teacher = self.index, self.n_views, self.teacher
         skipped_path = self.run.skipped_list(store_path)
         if not store_path.exists():
@@ -239,7 +243,8 @@ class Extract(Stage):
         blocks = [list(range(rows.start + b.start, rows.start + b.stop)) for b in store.pending_blocks(status, block)]
         if blocks and (status != store.PENDING).any():
             say(f"extract: {len(blocks)} blocks to compute")
-        started, done_now = time.time(), 0
+        started, done_now, queries = time.time(), 0, 0
+        cached_before = int((status != store.PENDING).sum())
         if blocks:
             dataset = ExtractionImages(index.root, index.paths, n_views, self.view_seed, teacher.input_spec,
                                        self.augment)
@@ -249,8 +254,9 @@ class Extract(Stage):
             batches = iter(loader)  # workers fork here, before the store is opened
             with store.Rows(store_path) as out, open(skipped_path, "a") as skipped, \
                     progress(total=sum(map(len, blocks)), desc="extract", unit="img") as bar:
+                block_started = time.perf_counter()
                 for batch_rows, pixels, params, errors in batches:
-                    embeddings = _encode_views(teacher, pixels, errors)
+                    embeddings, sent = _encode_views(teacher, pixels, errors)
                     ok = np.where([e == "" for e in errors], store.DONE, store.FAILED).astype(np.uint8)
                     teacher_cache.write_block(out, int(batch_rows[0]) - rows.start, block, embeddings.numpy(),
                                               params.numpy(), ok)
@@ -260,6 +266,10 @@ class Extract(Stage):
                     skipped.flush()
                     done_now += len(batch_rows)
                     bar.update(len(batch_rows))
+                    queries += sent
+                    self._track_block(track, cached_before + done_now,
+                                      len(batch_rows) / (time.perf_counter() - block_started), queries)
+                    block_started = time.perf_counter()
                     if stop.requested:
                         cached = int((store.read(store_path, "status") != store.PENDING).sum())
                         raise Interrupted(f"extract: interrupted; {cached} of {len(rows)} images are cached; "
@@ -271,18 +281,30 @@ class Extract(Stage):
                 "ok": int((final_status == store.DONE).sum()),
                 "skipped": int((final_status == store.FAILED).sum())}
 
+    def _track_block(self, track: tracking.Tracker, cached: int, images_per_s: float, queries: int) -> None:
+        """A block's scalars at the number of images cached: its images/s and the image queries this
+        process has sent the teacher (a teacher service's ledger besides: every query sent, retried
+        and failed over all runs into the folder)."""
+        track.scalar("extract/images_per_s", images_per_s, cached)
+        track.scalar("extract/teacher_queries", queries, cached)
+        if self.remote:
+            totals = self.remote.totals()
+            for name in ("sent", "retried", "failed"):
+                track.scalar(f"extract/service_queries/{name}", totals[name], cached)
 
-def _encode_views(teacher, pixels: torch.Tensor, errors: list) -> torch.Tensor:
-    """[rows, views, ...] pixels -> [rows, views, dim]. A teacher with ``skip_failed_rows`` (one that
-    is paid per query) is not sent the blank views of unreadable images; their rows stay zero."""
+
+def _encode_views(teacher, pixels: torch.Tensor, errors: list) -> tuple[torch.Tensor, int]:
+    """[rows, views, ...] pixels -> ([rows, views, dim], views sent to the teacher). A teacher with
+    ``skip_failed_rows`` (one that is paid per query) is not sent the blank views of unreadable
+    images; their rows stay zero."""
     rows, n_views = pixels.shape[:2]
     ok = [i for i, e in enumerate(errors) if e == ""]
     if not getattr(teacher, "skip_failed_rows", False) or len(ok) == rows:
-        return teacher.encode_images(pixels.flatten(0, 1)).reshape(rows, n_views, -1)
+        return teacher.encode_images(pixels.flatten(0, 1)).reshape(rows, n_views, -1), rows * n_views
     out = torch.zeros(rows, n_views, teacher.dim)
     if ok:
         out[ok] = teacher.encode_images(pixels[ok].flatten(0, 1)).reshape(len(ok), n_views, -1)
-    return out
+    return out, len(ok) * n_views
 
 
 

@@ -33,11 +33,18 @@ def vl2v_loss(z: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor, 
     With CutMix, ``v`` becomes ``normalise(mix * v_a + (1 - mix) * v_b)`` and the text term is
     area-weighted: ``mix * cos(z, t_a) + (1 - mix) * cos(z, t_b)``.
     """
+    return sum(vl2v_terms(z, image_emb, text_emb, lam, image_emb_b, text_emb_b, mix).values())
+
+
+def vl2v_terms(z: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor, lam: float = 0.5,
+               image_emb_b: torch.Tensor | None = None, text_emb_b: torch.Tensor | None = None,
+               mix: float = 1.0) -> dict:
+    """``vl2v_loss`` as its two weighted terms, in the order they add up: ``image`` and ``text``."""
     image_emb = mixed_target(image_emb, image_emb_b, mix)
     text_cos = _cos(z, text_emb)
     if text_emb_b is not None:
         text_cos = mix * text_cos + (1 - mix) * _cos(z, text_emb_b)
-    return lam * -_cos(z, image_emb).mean() + (1 - lam) * -text_cos.mean()
+    return {"image": lam * -_cos(z, image_emb).mean(), "text": (1 - lam) * -text_cos.mean()}
 
 
 def clip_logits(z: torch.Tensor, classifier: torch.Tensor, scale: float = LOGIT_SCALE,

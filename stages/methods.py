@@ -25,7 +25,8 @@ from torch import nn
 from cache.errors import UserError
 from cache.teacher_cache import TeacherCache, TextTargets
 from stages import losses
-from stages.fit import fit_on_cache
+from stages import tracking
+from stages.fit import fit_on_cache, loss_values
 from stages.runtime import device
 from stages.student import create_backbone, feature_dim, resolved_weights, student_key
 from stages.teacher import teacher_of_cache
@@ -81,6 +82,7 @@ class TrainJob:
     hparams: dict
     projection: dict | None   # the aligned projection's weights (``needs_alignment``)
     train: object             # (trainer: Method, spec: InputSpec) -> (weights, log)
+    track: tracking.Tracker = tracking.OFF  # the stage's run tracking (``--log``)
 
 
 @dataclass
@@ -251,6 +253,7 @@ class Method:
         self.hp = {**self.hparams, **{k: v for k, v in hparams.items() if v is not None and k in self.hparams}}
         self._optimizer = self._scheduler = None  # built on first use: predicting needs neither
         self.ddp = None  # DistributedDataParallel wrapper of ``model`` under torchrun
+        self._terms = (None, {})  # (the sum, the named terms) of the last ``terms`` call
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -289,6 +292,12 @@ class Method:
     def loss(self, outputs, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def terms(self, **weighted) -> torch.Tensor:
+        """A loss of named, weighted terms: their sum in order. When it is the loss ``loss``
+        returns, ``update`` reports each term (for run tracking)."""
+        self._terms = (sum(weighted.values()), weighted)
+        return self._terms[0]
+
     def _forward(self, images):
         module = self.ddp if (self.ddp is not None and self.model.training) else self.model
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
@@ -301,13 +310,15 @@ class Method:
             for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        self._terms = (None, {})  # a loss that does not call ``terms`` has none
         loss = self.loss(self._forward(batch.images), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        return {"loss": loss.item()}
+        total, terms = self._terms
+        return loss_values(loss, terms if total is loss else {})
 
     @torch.no_grad()
     def score(self, batch: Batch) -> tuple:
@@ -347,8 +358,9 @@ class ADiP(Method):
 
     def loss(self, z, b):
         classifier = self.model.classifier
-        return losses.vl2v_loss(z, b.image_emb, classifier[b.labels], self.hp["lam"], b.image_emb_b,
-                                None if b.labels_b is None else classifier[b.labels_b], b.mix)
+        return self.terms(**losses.vl2v_terms(z, b.image_emb, classifier[b.labels], self.hp["lam"],
+                                              b.image_emb_b, None if b.labels_b is None else classifier[b.labels_b],
+                                              b.mix))
 
 
 class FixedStudent:
@@ -436,7 +448,8 @@ class KD(ERM):
         teacher = self.teacher_logits(b.image_emb, self.text.classifier)
         teacher_b = None if b.image_emb_b is None else self.teacher_logits(b.image_emb_b, self.text.classifier)
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
-        return self.hp["alpha"] * kd + (1 - self.hp["alpha"]) * losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)
+        return self.terms(kd=self.hp["alpha"] * kd,
+                          ce=(1 - self.hp["alpha"]) * losses.cross_entropy(logits, b.labels, b.labels_b, b.mix))
 
 
 class RISE(Method):
@@ -481,7 +494,7 @@ class RISE(Method):
         kd = losses.kd_loss(logits, teacher, self.hp["temperature"], teacher_b, b.mix)
         ce = losses.cross_entropy(logits, b.labels, b.labels_b, b.mix)
         dist = losses.mixed_mean(distance(b.labels), None if b.labels_b is None else distance(b.labels_b), b.mix)
-        return self.hp["w_kd"] * kd + self.hp["w_ce"] * ce + self.hp["w_dist"] * dist
+        return self.terms(kd=self.hp["w_kd"] * kd, ce=self.hp["w_ce"] * ce, dist=self.hp["w_dist"] * dist)
 
 
 class TeacherSpace(Method):
@@ -590,7 +603,7 @@ class CacheMethod(FixedStudent):
         c = job.config
         state, log = cls.fit_head(job.cache.image_emb, job.labels, job.train_rows, job.val_rows, steps=c["steps"],
                                   per_domain=c["per_domain"], seed=c["seed"], eval_every=c["eval_every"],
-                                  **job.hparams)
+                                  track=job.track, **job.hparams)
         return {"best": state}, log
 
     @classmethod
@@ -630,7 +643,8 @@ class Probe(CacheMethod):
 
     @classmethod
     def fit_head(cls, image_emb: torch.Tensor, labels: torch.Tensor, train_rows_by_domain: list, val_rows_by_domain: list, *,
-            steps: int, per_domain: int, seed: int, eval_every: int, **hparams):
+            steps: int, per_domain: int, seed: int, eval_every: int, track: tracking.Tracker = tracking.OFF,
+            **hparams):
         """Fit ``Linear(D, C)`` on the training views; the best on source validation."""
         hp = {**cls.hparams, **{k: v for k, v in hparams.items() if v is not None and k in cls.hparams}}
         torch.manual_seed(seed)
@@ -639,7 +653,8 @@ class Probe(CacheMethod):
         return fit_on_cache(head, features, train_rows_by_domain, val_rows_by_domain,
                             loss=lambda out, rows, items: F.cross_entropy(out, labels[rows]),
                             logits=lambda out: out, labels=labels, steps=steps, per_domain=per_domain,
-                            lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name)
+                            lr=hp["lr"], weight_decay=0.0, seed=seed, eval_every=eval_every, desc=cls.name,
+                            track=track)
 
     @classmethod
     def logits_of(cls, weights, cache):

@@ -13,6 +13,8 @@ validations of steps 3000, 4000, ... (``restarts_segment``).
 """
 from collections import deque
 
+from stages import tracking
+
 
 SEGMENT_RESTART_AFTER, SEGMENT_RESTART_EVERY = 2500, 1000
 
@@ -168,12 +170,23 @@ class SwadTracker:
     def add(self, state: dict) -> None:
         self.segment.add(state)
 
-    def validated(self, step: int, val_loss: float) -> bool:
+    def validated(self, step: int, val_loss: float, track: tracking.Tracker = tracking.OFF) -> bool:
         frozen = {k: v.clone() for k, v in self.segment.state.items()}  # the segment may keep growing
-        self.valley.update(Segment(frozen, val_loss, self.segment_start, step))
-        if self.valley.dead_valley:
+        valley, was_converged = self.valley, self.valley.converged
+        valley.update(Segment(frozen, val_loss, self.segment_start, step))
+        restarts = restarts_segment(step) and not valley.dead_valley
+        track.event("swad/segment", f"steps {self.segment_start}-{step}, validation loss {val_loss:.4f}"
+                                    + (f"; a new segment starts at step {step + 1}" if restarts else ""), step)
+        if valley.converged and not was_converged:
+            track.event("swad/valley", f"the loss valley starts at step {valley.converge_step} "
+                                       f"(its end: validation loss above {valley.threshold:.4f})", step)
+        if valley.converged:
+            track.scalar("swad/averaged_segments", len(valley.segments_used), step)
+        if valley.dead_valley:
+            track.event("swad/valley", f"the loss valley ends: validation loss above {valley.threshold:.4f} "
+                                       f"in each of the last {valley.n_tolerance} segments; training stops", step)
             return True  # the official trainer stops when the loss valley ends
-        if restarts_segment(step):
+        if restarts:
             self.segment, self.segment_start = RunningAverage(), step + 1
         return False
 
