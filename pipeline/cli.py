@@ -254,6 +254,17 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, stude
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--format", "form", type=click.Choice(["markdown", "latex", "json"]), default="markdown",
+              show_default=True, help="Output format (LaTeX: booktabs).")
+def collect(runs, form):
+    """Tables over several run folders: one per dataset and a cross-dataset summary; runs with
+    another protocol (teacher, split seed, steps...) are kept apart, never averaged."""
+    from pipeline.collect import FORMATS, collect as collect_runs
+    click.echo(FORMATS[form](collect_runs(runs)), nl=False)
+
+
+@main.command()
 @click.option("--teacher", default=config.DEMO_TEACHER, help="open_clip model (default: the demo teacher).")
 @click.option("--pretrained", default=None, help="open_clip tag or checkpoint file.")
 @click.option("--student", default="test_resnet", show_default=True, help="timm model name.")
