@@ -37,8 +37,14 @@ def load(run_dir) -> dict:
     protocol = {**{k: settings.get(k) for k in PROTOCOL_SETTINGS},
                 **{k: extracted["config"].get(k) for k in EXTRACTION},
                 "teacher_weights": extracted["inputs"].get("teacher_weights"), "dataset": fingerprint}
+    results = jsonl.rows(run.results)
+    units = [_unit(r) for r in results]
+    twice = next((u for i, u in enumerate(units) if u in units[:i]), None)
+    if twice is not None:  # a folder re-run with other settings: its rows do not say which is which
+        raise UserError(f"{run.results} holds {twice[0]} held-out '{twice[1]}' seed {twice[2]} more than once "
+                        f"(re-run with other settings?): collect runs whose folders ran one protocol")
     return {"run": str(run.root), "dataset": name, "named_by": source, "protocol": protocol,
-            "holdouts": recorded["holdouts"], "results": jsonl.rows(run.results)}
+            "holdouts": recorded["holdouts"], "results": results}
 
 
 def group(runs: list) -> list:

@@ -69,6 +69,10 @@ def test_collect_refuses_a_run_given_twice_and_a_folder_without_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     missing = collect(tmp_path / "empty")
     assert missing.exit_code == 2 and "no protocol.json" in missing.output
+    with open(tmp_path / "r0" / "results.jsonl", "a") as f:  # the folder re-run with other settings
+        f.write(json.dumps({"method": "erm", "model": "best", "holdout": "a", "seed": 0, "holdout_acc": 0.9}) + "\n")
+    rerun = collect(tmp_path / "r0")
+    assert rerun.exit_code == 2 and "more than once" in rerun.output
     (tmp_path / "r0" / "extract" / "manifest.json").unlink()
     unknown = collect(tmp_path / "r0")
     assert unknown.exit_code == 2 and "no readable extract/manifest.json" in unknown.output
