@@ -290,6 +290,17 @@ def run(data_root, run_dir, methods, seeds, holdouts, teacher, pretrained, teach
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--format", "form", type=click.Choice(["markdown", "latex", "json"]), default="markdown",
+              show_default=True, help="Output format (LaTeX: booktabs).")
+def collect(runs, form):
+    """Tables over several run folders: one per dataset and a cross-dataset summary; runs with
+    another protocol (teacher, split seed, steps...) are kept apart, never averaged."""
+    from pipeline.collect import FORMATS, collect as collect_runs
+    click.echo(FORMATS[form](collect_runs(runs)), nl=False)
+
+
+@main.command()
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Measure the papers' workload on this device, in absolute numbers (views/s, TFLOP/s, step "
                    "times, serving, peak memory); its defaults are the second ones below.")

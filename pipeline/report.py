@@ -36,15 +36,20 @@ def summarize(results: list, rows: list, holdouts: list) -> dict:
     return table
 
 
-def markdown(table: dict, holdouts: list) -> str:
-    def cell(mean, se, n):
-        if math.isnan(mean):
-            return "-"
-        return f"{mean:.1f}" if math.isnan(se) else f"{mean:.1f} ± {se:.1f}"
+def cell(mean, se, n) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.1f}" if math.isnan(se) else f"{mean:.1f} ± {se:.1f}"
 
-    lines = ["| method | " + " | ".join(holdouts) + " | average |", "|---" * (len(holdouts) + 2) + "|"]
+
+def markdown(table: dict, holdouts: list, notes: dict | None = None) -> str:
+    """The table; ``notes`` (label -> text) adds a last column, e.g. the selected hyperparameters."""
+    extra = notes is not None
+    lines = ["| method | " + " | ".join(holdouts) + " | average |" + (" hyperparameters |" if extra else ""),
+             "|---" * (len(holdouts) + 2 + extra) + "|"]
     for label, cells in table.items():
-        lines.append(f"| {label} | " + " | ".join(cell(*cells[h]) for h in [*holdouts, "average"]) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(*cells[h]) for h in [*holdouts, "average"]) + " |"
+                     + (f" {notes.get(label) or '-'} |" if extra else ""))
     return "\n".join(lines) + "\n"
 
 
