@@ -73,7 +73,8 @@ def test_damaged_index_is_one_line_naming_it_and_extract_rebuilds_it(damage, run
     if damage == "truncated":
         index.write_bytes(data[:len(data) // 2])
     else:
-        offset = {"flipped in the middle": len(data) // 2, "flipped in a data page": 40,
+        pages_end = len(data) - 8 - int.from_bytes(data[-8:-4], "little")  # where the footer starts
+        offset = {"flipped in the middle": (4 + pages_end) // 2, "flipped in a data page": 40,
                   "flipped in the metadata": data.index(b'"domains"') + 3}[damage]
         _flip(index, offset)
     for args in (("info", "--run", run_copy),
