@@ -238,3 +238,12 @@ def test_info_names_every_teacher(two_teachers):
     assert result.exit_code == 0 and "also:       other:" in result.output and "logits 14.2857 x cos + 0" in result.output
     report = json.loads(invoke("info", "--run", run, "--json").output)
     assert list(report["teachers"]) == ["tiny", "other"] and report["teachers"]["other"]["logit_scale"] == 30.0
+
+
+def test_run_knows_the_demo_teachers_by_name_and_takes_a_tag_after_at():
+    from pathlib import Path
+    from pipeline.protocol import teacher_and_tag
+    second = teacher_and_tag("demo_teacher_2", None)["teacher"]
+    assert second.startswith("local-dir:") and (Path(second[len("local-dir:"):]) / "open_clip_model.safetensors").exists()
+    assert teacher_and_tag("ViT-B-16@openai", None) == {"teacher": "ViT-B-16", "pretrained": "openai"}
+    assert teacher_and_tag("https://host:8080/v2/models/a@b", "x")["teacher"] == "https://host:8080/v2/models/a@b"
