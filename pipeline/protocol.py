@@ -113,7 +113,7 @@ def run_all(*, data_root, run_dir, overrides: dict, methods: str | None, seeds: 
                   for m in names for model in METHODS[m].models()]
         table = report.summarize(results, labels, chosen)  # this run's results only
         ours = sum(manifest.load(e.folder)["summary"].get("teacher_image_forwards", 0) for e in extractions)
-        footer = (f"\nTeacher image forwards: {ours:,} in this run (one extraction); the official "
+        footer = (f"\nTeacher image forwards: {ours:,} in this run (one extraction per teacher); the official "
                   f"online-teacher code would use {official:,} for the same protocol "
                   f"(steps x batch x stages x held-out domains x seeds).\n")
         text = report.markdown(table, chosen) + footer
