@@ -15,7 +15,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from cache.errors import UserError
 from stages import losses
